@@ -1,0 +1,20 @@
+"""mlx-paligemma: PaliGemma 1 and 2 on MLX, with a PyTorch backend that gives the same results.
+
+    import mlx_paligemma as pg
+    model = pg.load("google/paligemma2-3b-mix-224")
+    print(model.generate("cat.jpg", "caption en").text)
+
+Importing this package pulls in neither mlx nor torch: each backend is imported when chosen.
+"""
+
+from .api import Generation, Model, load
+from .detection import Detection, draw_detections, parse_detections
+from .errors import CheckpointError, ImageError, OutputError, PaliGemmaError, PromptError, SettingError
+from .generate import Stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "Model", "Generation", "Stats", "Detection", "parse_detections", "draw_detections",
+    "PaliGemmaError", "SettingError", "ImageError", "PromptError", "CheckpointError", "OutputError",
+]

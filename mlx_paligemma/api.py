@@ -1,0 +1,223 @@
+"""The public API: `load` a checkpoint on a backend, then generate, stream, score or batch.
+
+This is the glue between the core pieces (checkpoint, processor, tokenizer, generation loop)
+and one backend; it holds no model math.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .backend import Backend
+from .checkpoint import open_checkpoint
+from .errors import PromptError, SettingError
+from .generate import Stats, generate_steps, left_pad
+from .processor import pixel_values
+from .sampling import SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+BACKENDS = ("auto", "mlx", "torch")
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_TOKENS = 128
+FEATURE_CACHE_SIZE = 8
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids, eos excluded
+    stats: Stats
+    image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
+    finished_by: str = "max_tokens"  # "eos", "max_tokens" or "context"
+    detections: list = field(default_factory=list)
+
+
+def pick_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise SettingError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    # MLX on Apple silicon; elsewhere torch (the Linux mlx wheel multiplies with a reference BLAS)
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "mlx"
+    return "torch"
+
+
+def load(
+    path_or_repo: str | os.PathLike,
+    backend: str = "auto",
+    dtype: str | None = None,
+    device: str | None = None,
+    quantize: int | None = None,
+    group_size: int = 64,
+) -> "Model":
+    """Load a PaliGemma checkpoint (folder or Hugging Face repo id; `demo` for the built-in one)."""
+    chosen = pick_backend(backend)
+    if dtype is not None and dtype not in DTYPES:
+        raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in (4, 8):
+        raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
+    if str(path_or_repo) == "demo":
+        from .demo import demo_checkpoint
+
+        path_or_repo = demo_checkpoint()
+    checkpoint = open_checkpoint(path_or_repo)
+    tokenizer = Tokenizer(checkpoint.folder)
+    if chosen == "mlx":
+        from .mlx_backend.backend import MLXBackend
+
+        if device not in (None, "cpu", "gpu"):
+            raise SettingError(f"device for the mlx backend must be cpu or gpu, got {device!r}")
+        engine: Backend = MLXBackend(checkpoint, dtype=dtype or "float32", device=device, quantize=quantize, group_size=group_size)
+    else:
+        from .torch_backend.backend import TorchBackend
+
+        engine = TorchBackend(checkpoint, dtype=dtype, device=device, quantize=quantize)
+    return Model(engine, tokenizer, source=str(path_or_repo))
+
+
+class Model:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, source: str = ""):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = backend.config
+        self.source = source
+        self.is_demo = bool(getattr(self.config, "demo", False)) or "demo-v" in source
+        self.last: Generation | None = None
+        self._features: OrderedDict[bytes, object] = OrderedDict()
+        self.vocab_limit = min(tokenizer.vocab_size, self.config.text.vocab_size)
+        self.context_len = self.config.text.max_position_embeddings
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise PromptError(f"prompt must be text, got {type(prompt).__name__}")
+        ids = self.tokenizer.prompt_ids(prompt, self.config.num_image_tokens, self.config.image_token_index)
+        if len(ids) >= self.context_len:
+            raise PromptError(
+                f"prompt is {len(ids)} tokens with the image, the model's context is {self.context_len}; shorten it"
+            )
+        return ids
+
+    def _features_for(self, pixels: np.ndarray):
+        """Device features for a batch of pixels, computing only images not seen recently."""
+        keys = [hashlib.sha256(p.tobytes()).digest() for p in pixels]
+        missing = [i for i, k in enumerate(keys) if k not in self._features]
+        if missing:
+            computed = self.backend.image_features(pixels[missing])
+            for j, i in enumerate(missing):
+                self._features[keys[i]] = self.backend.slice_features(computed, j)
+        for k in keys:
+            self._features.move_to_end(k)
+        rows = [self._features[k] for k in keys]
+        while len(self._features) > FEATURE_CACHE_SIZE:
+            self._features.popitem(last=False)
+        return rows[0] if len(rows) == 1 else self.backend.stack_features(rows)
+
+    def _check(self, max_tokens, min_tokens, params: SamplingParams) -> None:
+        params.validate()
+        if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= self.context_len:
+            raise SettingError(f"max_tokens must be a whole number in [1, {self.context_len}], got {max_tokens!r}")
+        if not isinstance(min_tokens, (int, np.integer)) or isinstance(min_tokens, bool) or min_tokens < 0:
+            raise SettingError(f"min_tokens must be a whole number >= 0, got {min_tokens!r}")
+
+    def _run(self, images, prompts, max_tokens, min_tokens, params) -> list[Generation]:
+        gen = self._iterate(images, prompts, max_tokens, min_tokens, params)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    def _iterate(self, images, prompts, max_tokens, min_tokens, params):
+        """Yield (row, text piece) as tokens arrive; return the list of Generations."""
+        self._check(max_tokens, min_tokens, params)
+        rows = [self.prompt_ids(p) for p in prompts]
+        pixels, sizes = pixel_values(images, self.config.image_size)
+        ids, pad = left_pad(rows, self.config.pad_token_id)
+        stats = Stats()
+        eos = self.tokenizer.eos_id
+        out: list[list[int]] = [[] for _ in rows]
+        finished = ["max_tokens"] * len(rows)
+        decoders = [StreamDecoder(self.tokenizer) for _ in rows]
+        done = np.zeros(len(rows), dtype=bool)
+        steps = 0
+        for tokens, alive in generate_steps(
+            self.backend, ids, pad, lambda: self._features_for(pixels), params, max_tokens, eos,
+            self.vocab_limit, self.context_len, min_tokens, stats,
+        ):
+            steps += 1
+            for b, t in enumerate(tokens):
+                if done[b]:
+                    continue
+                if not alive[b]:
+                    done[b], finished[b] = True, "eos"
+                    continue
+                out[b].append(int(t))
+                piece = decoders[b].push(int(t))
+                if piece:
+                    yield b, piece
+        if steps and steps == self.context_len - ids.shape[1] and steps < max_tokens:
+            finished = ["context" if f == "max_tokens" else f for f in finished]
+        results = []
+        for b in range(len(rows)):
+            row_stats = Stats(**stats.to_dict())
+            row_stats.prompt_tokens, row_stats.generated_tokens = len(rows[b]), len(out[b])
+            results.append(Generation(self.tokenizer.decode(out[b]), out[b], row_stats, sizes[b], finished[b]))
+        return results
+
+    def generate(
+        self, image, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
+        top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_tokens: int = 0,
+    ) -> Generation:
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        return self._run([image], [prompt], max_tokens, min_tokens, params)[0]
+
+    def stream(
+        self, image, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
+        top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_tokens: int = 0,
+    ) -> Iterator[str]:
+        """Text pieces as they come. The generator's return value (and `self.last`) is the Generation."""
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        gen = self._iterate([image], [prompt], max_tokens, min_tokens, params)
+        while True:
+            try:
+                _, piece = next(gen)
+            except StopIteration as stop:
+                self.last = stop.value[0]
+                return self.last
+            yield piece
+
+    def logits(self, image, prompt: str, suffix: str | Sequence[int] | None = None) -> np.ndarray:
+        """float32 logits [prefix_len + len(suffix), vocab] of one forward pass.
+
+        The suffix (token ids or text) attends causally, as generated tokens do.
+        """
+        ids = self.prompt_ids(prompt)
+        prefix_len = len(ids)
+        if suffix is not None:
+            ids = ids + (self.tokenizer.encode(suffix) if isinstance(suffix, str) else [int(t) for t in suffix])
+        if len(ids) > self.context_len:
+            raise PromptError(f"prompt and suffix are {len(ids)} tokens, the model's context is {self.context_len}")
+        pixels, _ = pixel_values([image], self.config.image_size)
+        return self.backend.forward_logits(np.array([ids]), self._features_for(pixels), prefix_len)
+
+    def generate_batch(
+        self, images: Sequence, prompts: Sequence[str], max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_tokens: int = 0,
+    ) -> list[Generation]:
+        """One result per (image, prompt) pair, each the same as `generate` on that pair alone."""
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(images) != len(prompts):
+            raise SettingError(f"generate_batch needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+        if not images:
+            return []
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        return self._run(list(images), list(prompts), max_tokens, min_tokens, params)

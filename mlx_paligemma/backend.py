@@ -1,0 +1,103 @@
+"""The backend interface: what the one generation loop needs from a framework.
+
+A backend owns the model weights on its device and runs forwards; it never samples, tokenizes
+or reads images. Inputs and outputs cross the boundary as numpy arrays (token ids in, float32
+logits of the last position out), except image features, which stay on the device.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from .config import PaliGemmaConfig
+
+
+class Backend(ABC):
+    name: str  # "mlx" or "torch"
+    device: str  # "cpu", "gpu", "cuda:0", "mps", ...
+    dtype: str  # "float32", "bfloat16", "float16"
+    config: PaliGemmaConfig
+    quantize: int | None = None
+
+    @abstractmethod
+    def image_features(self, pixel_values: np.ndarray) -> Any:
+        """(B, 3, S, S) float32 pixels -> device features (B, N, text hidden)."""
+
+    @abstractmethod
+    def prefill(self, input_ids: np.ndarray, features: Any, pad: np.ndarray, prefix_len: int) -> tuple[Any, np.ndarray]:
+        """Run a left-padded prefix (B, T) through a fresh KV cache.
+
+        pad[b] is the number of padding tokens at the start of row b; every row's prefix ends at
+        prefix_len == T. Returns (state, float32 logits of the last position (B, vocab)).
+        """
+
+    @abstractmethod
+    def decode(self, state: Any, token_ids: np.ndarray) -> np.ndarray:
+        """One token per row (B,) through the cache -> float32 logits (B, vocab)."""
+
+    @abstractmethod
+    def forward_logits(self, input_ids: np.ndarray, features: Any, prefix_len: int) -> np.ndarray:
+        """One full forward of one row (1, T) with no cache -> float32 logits (T, vocab).
+
+        Tokens before prefix_len form the bidirectional prefix; the rest attend causally.
+        """
+
+    def slice_features(self, features: Any, index: int) -> Any:
+        """Row `index` of a batch of features, kept on the device."""
+        return features[index : index + 1]
+
+    def stack_features(self, rows: list) -> Any:
+        raise NotImplementedError
+
+    def peak_memory(self) -> int:
+        """Peak bytes in use since the last reset (device memory, or resident memory on CPU)."""
+        return peak_rss_bytes()
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+
+def attention_masks(
+    pad: np.ndarray, start: int, length: int, total: int, prefix_len: int, window: int | None
+) -> dict[str, np.ndarray | None]:
+    """Boolean masks (B, 1, length, total), True where a query may attend to a key; None when all True.
+
+    Queries are positions start..start+length of the left-padded rows, keys 0..total. The whole
+    prefix (image tokens, bos, prompt, newline) attends bidirectionally; later tokens attend
+    causally. Sliding layers (Gemma 2) also drop keys `window` or more positions back, except
+    inside the prefix block, as transformers does. Padding keys are never attended; a padding
+    query attends to itself only, so that its (unused) row stays finite.
+    """
+    q = np.arange(start, start + length)[:, None]
+    k = np.arange(total)[None, :]
+    block = (q < prefix_len) & (k < prefix_len)
+    causal = k <= q
+    valid = k[None] >= pad[:, None, None]  # (B, 1, total)
+    is_pad_q = q[None] < pad[:, None, None]  # (B, length, 1)
+    own = is_pad_q & (k == q)[None]
+
+    def finish(allowed: np.ndarray) -> np.ndarray | None:
+        m = (allowed[None] & valid & ~is_pad_q) | own
+        return None if m.all() else m[:, None]
+
+    masks = {"full": finish(causal | block), "sliding": None}
+    if window is not None:
+        masks["sliding"] = finish((causal & (q - k < window)) | block)
+    else:
+        masks["sliding"] = masks["full"]
+    return masks
+
+
+def peak_rss_bytes() -> int:
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        import sys
+
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return 0

@@ -1,0 +1,250 @@
+"""Checkpoint discovery: a local folder or a Hugging Face repo id, safetensors only.
+
+This module knows file names and tensor names, never tensor values: each backend reads the
+tensors itself (memory-mapped, straight into its dtype). What it guarantees to a backend:
+the list of safetensors files, every tensor's canonical name, dtype and shape, checked against
+the config before a byte of weights is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PaliGemmaConfig
+from .errors import CheckpointError
+
+DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
+WEIGHT_PATTERNS = ("*.safetensors", "*.json", "tokenizer.model")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # canonical name (see canonical_name)
+    stored_name: str  # name in the file
+    file: Path
+    dtype: str  # safetensors dtype string: F32, BF16, F16, U32, ...
+    shape: tuple[int, ...]
+
+
+def resolve(path_or_repo: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a repo id fetched (or found in the cache) with huggingface_hub."""
+    p = Path(os.path.expanduser(str(path_or_repo)))
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: a checkpoint is a folder, not a file")
+        return p
+    name = str(path_or_repo)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name}: no such checkpoint folder (and not a Hugging Face repo id like owner/name)")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"{repo_id}: huggingface_hub is not installed, so repo ids cannot be fetched") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    how = (
+        f"download it on a connected machine with `hf download {repo_id}` (accept the licence on the hub and "
+        "set HF_TOKEN first), then copy the folder here and pass its path"
+    )
+    try:
+        # HF_TOKEN and HF_HOME are read by huggingface_hub itself; the cached snapshot is used when present.
+        return Path(snapshot_download(repo_id, allow_patterns=list(WEIGHT_PATTERNS), local_files_only=offline, etag_timeout=10))
+    except GatedRepoError:
+        raise CheckpointError(f"{repo_id}: gated repo; accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such repo on the hub (or it is private and HF_TOKEN is not set)") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{repo_id}: not in the local cache and the hub cannot be reached; {how}") from None
+    except Exception as e:  # network errors come in many classes
+        raise CheckpointError(f"{repo_id}: could not fetch from the hub ({type(e).__name__}); {how}") from None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: from the shard index when there is one, else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard {missing[0]} named in the index is missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: only pickle weights ({pickles[0]}); pickle files are never loaded, convert to safetensors"
+            )
+        raise CheckpointError(f"{folder}: no *.safetensors weight files")
+    return files
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path.name}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path.name}: corrupt safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: corrupt entry for tensor {name}") from None
+        if end > data_len:
+            raise CheckpointError(f"{path.name}: truncated file, tensor {name} runs past the end")
+    return header
+
+
+def canonical_name(stored: str) -> str | None:
+    """Map a stored tensor name to our canonical name, or None for a tensor we drop.
+
+    Canonical names are `vision.<siglip name>`, `projector.<name>` and `text.<gemma name>`.
+    Accepted layouts: the hub's (`language_model.model.layers...`, `vision_tower.vision_model...`),
+    transformers 5.x save_pretrained's (`vision_tower.encoder...`, `model.language_model...`),
+    and our own converted folders (already canonical).
+    """
+    name = stored
+    if name.startswith("model."):
+        name = name[len("model."):]
+    for prefix, to in (
+        ("vision_tower.vision_model.", "vision."),
+        ("vision_tower.", "vision."),
+        ("multi_modal_projector.linear.", "projector."),
+        ("multi_modal_projector.", "projector."),
+        ("language_model.model.", "text."),
+        ("language_model.", "text."),
+    ):
+        if name.startswith(prefix):
+            name = to + name[len(prefix):]
+            break
+    if name.startswith("vision.head."):
+        return None  # SigLIP's pooling head is not part of PaliGemma (vision_use_head=False)
+    if name in ("lm_head.weight", "text.lm_head.weight"):
+        return None  # the output head is tied to the embedding
+    if name.startswith(("vision.", "projector.", "text.")):
+        return name
+    return stored  # unknown: kept so that the strict check names it
+
+
+def scan(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint by canonical name; duplicates are an error."""
+    tensors: dict[str, TensorInfo] = {}
+    for file in safetensors_files(folder):
+        for stored, info in read_header(file).items():
+            if stored == "__metadata__":
+                continue
+            name = canonical_name(stored)
+            if name is None:
+                continue
+            if name in tensors:
+                raise CheckpointError(f"{file.name}: tensor {stored} appears twice in the checkpoint")
+            tensors[name] = TensorInfo(name, stored, file, info["dtype"], tuple(info["shape"]))
+    return tensors
+
+
+def expected_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape as stored (PyTorch layout), for an unquantized checkpoint."""
+    v, t = config.vision, config.text
+    shapes: dict[str, tuple[int, ...]] = {
+        "vision.embeddings.patch_embedding.weight": (v.hidden_size, v.num_channels, v.patch_size, v.patch_size),
+        "vision.embeddings.patch_embedding.bias": (v.hidden_size,),
+        "vision.embeddings.position_embedding.weight": (v.num_patches, v.hidden_size),
+        "vision.post_layernorm.weight": (v.hidden_size,),
+        "vision.post_layernorm.bias": (v.hidden_size,),
+        "projector.weight": (config.projection_dim, v.hidden_size),
+        "projector.bias": (config.projection_dim,),
+        "text.embed_tokens.weight": (t.vocab_size, t.hidden_size),
+        "text.norm.weight": (t.hidden_size,),
+    }
+    for i in range(v.num_hidden_layers):
+        p = f"vision.encoder.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[p + f"self_attn.{n}.weight"] = (v.hidden_size, v.hidden_size)
+            shapes[p + f"self_attn.{n}.bias"] = (v.hidden_size,)
+        for n in ("layer_norm1", "layer_norm2"):
+            shapes[p + f"{n}.weight"] = (v.hidden_size,)
+            shapes[p + f"{n}.bias"] = (v.hidden_size,)
+        shapes[p + "mlp.fc1.weight"] = (v.intermediate_size, v.hidden_size)
+        shapes[p + "mlp.fc1.bias"] = (v.intermediate_size,)
+        shapes[p + "mlp.fc2.weight"] = (v.hidden_size, v.intermediate_size)
+        shapes[p + "mlp.fc2.bias"] = (v.hidden_size,)
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if t.is_gemma2:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for i in range(t.num_hidden_layers):
+        p = f"text.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (q, t.hidden_size)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, t.hidden_size)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, t.hidden_size)
+        shapes[p + "self_attn.o_proj.weight"] = (t.hidden_size, q)
+        shapes[p + "mlp.gate_proj.weight"] = (t.intermediate_size, t.hidden_size)
+        shapes[p + "mlp.up_proj.weight"] = (t.intermediate_size, t.hidden_size)
+        shapes[p + "mlp.down_proj.weight"] = (t.hidden_size, t.intermediate_size)
+        for n in norms:
+            shapes[p + f"{n}.weight"] = (t.hidden_size,)
+    return shapes
+
+
+def check_tensors(tensors: dict[str, TensorInfo], config: PaliGemmaConfig) -> None:
+    """Strict check of names and shapes; the error names the first tensor at fault."""
+    expected = expected_shapes(config)
+    if config.quantization:
+        return  # quantized folders are written by our converter; the backend checks them when loading
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"missing tensor {name} in the checkpoint")
+        if info.shape != shape:
+            raise CheckpointError(f"tensor {info.stored_name} has shape {list(info.shape)}, expected {list(shape)}")
+    for name, info in tensors.items():
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {info.stored_name} in {info.file.name}")
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: PaliGemmaConfig
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+
+def open_checkpoint(path_or_repo: str | os.PathLike) -> Checkpoint:
+    """Resolve, read config.json, scan and check every tensor header. Reads no weights."""
+    folder = resolve(path_or_repo)
+    config = PaliGemmaConfig.from_file(folder / "config.json")
+    tensors = scan(folder)
+    check_tensors(tensors, config)
+    return Checkpoint(folder, config, tensors)
