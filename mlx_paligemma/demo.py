@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_NAME = "demo"
 
 _CORPUS = """\
@@ -129,10 +129,14 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
             w = 1.0 + rng.normal(0.0, 0.1, shape)
         elif name.endswith("bias"):
             w = rng.normal(0.0, 0.02, shape)
-        elif name == "text.embed_tokens.weight" or "position_embedding" in name:
+        elif name == "text.embed_tokens.weight":
+            # small next to the layers' outputs: with a tied head, a dominant input embedding makes
+            # a random model repeat its last token forever
+            w = rng.normal(0.0, 0.3 / np.sqrt(shape[-1]), shape)
+        elif "position_embedding" in name:
             w = rng.normal(0.0, 1.0 / np.sqrt(shape[-1]), shape)
         else:
-            w = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
+            w = rng.normal(0.0, 1.5 / np.sqrt(fan_in), shape)
         out[hub_name(name)] = w.astype(dtype)
     return out
 
