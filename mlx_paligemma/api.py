@@ -79,7 +79,7 @@ def load(
     else:
         from .torch_backend.backend import TorchBackend
 
-        engine = TorchBackend(checkpoint, dtype=dtype, device=device, quantize=quantize)
+        engine = TorchBackend(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
     return Model(engine, tokenizer, source=str(path_or_repo))
 
 

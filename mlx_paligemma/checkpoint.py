@@ -223,11 +223,16 @@ def check_tensors(tensors: dict[str, TensorInfo], config: PaliGemmaConfig) -> No
         info = tensors.get(name)
         if info is None:
             raise CheckpointError(f"missing tensor {name} in the checkpoint")
-        if info.shape != shape:
+        if info.shape != shape and not (name.endswith("patch_embedding.weight") and info.shape == _ohwi(shape)):
             raise CheckpointError(f"tensor {info.stored_name} has shape {list(info.shape)}, expected {list(shape)}")
     for name, info in tensors.items():
         if name not in expected:
             raise CheckpointError(f"unexpected tensor {info.stored_name} in {info.file.name}")
+
+
+def _ohwi(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv weight's shape in MLX's O,H,W,I layout (what our converted folders store)."""
+    return (shape[0], shape[2], shape[3], shape[1])
 
 
 @dataclass

@@ -1,0 +1,274 @@
+"""The PyTorch backend: loads a checkpoint into `PaliGemma` and runs the backend interface."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..backend import Backend, attention_masks
+from ..checkpoint import Checkpoint, TensorInfo
+from ..errors import CheckpointError, SettingError
+from .cache import make_cache
+from .paligemma import PaliGemma
+from .quantize import QuantizedEmbedding, QuantizedLinear, int8_per_channel, mlx_dequantize, mlx_unpack
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    """None: cuda, then mps, then cpu. An explicit device is honoured or refused."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SettingError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if d.type == "cpu":
+        return d
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError(f"device {device!r}: CUDA is not available in this PyTorch build or machine")
+        index = torch.cuda.current_device() if d.index is None else d.index
+        if index >= torch.cuda.device_count():
+            raise SettingError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", index)
+    if d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SettingError(f"device {device!r}: MPS is not available (it needs Apple silicon and macOS 12.3+)")
+        return d
+    raise SettingError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); else it is emulated, slower than float32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False  # macOS, Windows: no cheap way to ask; float32 is the safe choice
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    if platform.machine() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> str:
+    """None: bfloat16 where it is native (CUDA with bf16, CPUs with bf16 instructions), else float32.
+
+    float16 is never the default: Gemma 2's activations overflow it.
+    """
+    if dtype is None:
+        if device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return "bfloat16"
+        return "float32"
+    if dtype not in DTYPES:
+        raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and device.type == "cpu":
+        raise SettingError("float16 is not supported on the CPU; use bfloat16 or float32")
+    return dtype
+
+
+def sanitize(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Every layout change and cast between a stored tensor and our parameter, with its reason."""
+    if name == "vision.embeddings.patch_embedding.weight" and w.ndim == 4 and w.shape[2] != w.shape[3]:
+        # PyTorch conv2d weights are O,I,H,W; our converted folders store MLX's O,H,W,I
+        w = w.permute(0, 3, 1, 2)
+    if not w.dtype.is_floating_point:
+        return w  # packed quantized weights (MLX uint32) keep their integer type
+    return w.to(dtype).contiguous()
+
+
+def quantizable(path: str, module: nn.Module) -> bool:
+    """Quantize the text decoder's linear layers and the tied embedding; keep SigLIP and the projector exact."""
+    return path.startswith("text.") and isinstance(module, (nn.Linear, nn.Embedding))
+
+
+@dataclass
+class State:
+    cache: list
+    offset: int
+    pad: np.ndarray
+    prefix_len: int
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, device: str | None = None,
+                 quantize: int | None = None, group_size: int = 64):
+        if quantize not in (None, 4, 8):
+            raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
+        self._device = pick_device(device)
+        self.device = str(self._device)
+        self.dtype = pick_dtype(dtype, self._device)
+        self._dtype = DTYPES[self.dtype]
+        self.config = checkpoint.config
+        stored_q = self.config.quantization
+        if stored_q:
+            # a folder written by convert --quantize: MLX's packing, requantized for torch's kernels
+            quantize, group_size = int(stored_q["bits"]), int(stored_q["group_size"])
+            if quantize not in (4, 8):
+                raise CheckpointError(f"config.json: quantization bits {quantize} unsupported (4 or 8)")
+        self.quantize = quantize
+        self._bits, self._group_size = quantize, group_size
+        # built on "meta": no memory until each parameter is assigned its loaded tensor
+        with torch.device("meta"):
+            self.model = PaliGemma(self.config)
+        self._quantized = {p for p, m in self.model.named_modules() if quantize and quantizable(p, m)}
+        with torch.inference_mode():
+            self._load(checkpoint, bool(stored_q))
+        self.model.eval()
+
+    def _load(self, checkpoint: Checkpoint, stored_q: bool) -> None:
+        expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        loaded: set[str] = set()
+        # safetensors reads straight onto a CUDA device; elsewhere the CPU copy is moved
+        read_on = str(self._device) if self._device.type == "cuda" else "cpu"
+        tensors = checkpoint.tensors
+        with contextlib.ExitStack() as stack:
+            handles = {}
+
+            def read(info: TensorInfo) -> torch.Tensor:
+                if info.file not in handles:
+                    try:
+                        handles[info.file] = stack.enter_context(_safe_open(info.file, read_on))
+                    except Exception as e:
+                        raise CheckpointError(f"{info.file.name}: cannot be read as safetensors ({e})") from None
+                return handles[info.file].get_tensor(info.stored_name)
+
+            for info in tensors.values():
+                module_path, _, attr = info.name.rpartition(".")
+                if module_path in self._quantized and stored_q and attr in ("scales", "biases"):
+                    continue  # read with their packed weight below
+                if info.name not in expected:
+                    raise CheckpointError(f"unexpected tensor {info.stored_name} in {info.file.name}")
+                if module_path in self._quantized:
+                    if stored_q:
+                        layer = self._mlx_quantized(module_path, info, read, tensors)
+                    else:
+                        w = self._checked(info, sanitize(info.name, read(info), self._dtype), expected[info.name])
+                        layer = self._quantize_layer(module_path, w.to(self._device))
+                        del w
+                    parent, _, child = module_path.rpartition(".")
+                    setattr(self.model.get_submodule(parent), child, layer)
+                else:
+                    w = self._checked(info, sanitize(info.name, read(info), self._dtype), expected[info.name])
+                    parent, _, _ = info.name.rpartition(".")
+                    setattr(self.model.get_submodule(parent), attr, nn.Parameter(w.to(self._device), requires_grad=False))
+                loaded.add(info.name)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            raise CheckpointError(f"missing tensor {missing[0]} in the checkpoint")
+
+    @staticmethod
+    def _checked(info: TensorInfo, w: torch.Tensor, shape: tuple) -> torch.Tensor:
+        if tuple(w.shape) != shape:
+            raise CheckpointError(f"tensor {info.stored_name} has shape {list(w.shape)}, expected {list(shape)}")
+        if not w.dtype.is_floating_point:
+            raise CheckpointError(f"tensor {info.stored_name} is {info.dtype}, expected floating point weights")
+        return w
+
+    def _quantize_layer(self, path: str, w: torch.Tensor) -> nn.Module:
+        if path == "text.embed_tokens":
+            return QuantizedEmbedding(*int8_per_channel(w), self._dtype)
+        return QuantizedLinear.from_weight(w, self._bits, self._group_size, self._dtype, path)
+
+    def _mlx_quantized(self, path: str, info: TensorInfo, read, tensors: dict) -> nn.Module:
+        """Unpack one MLX-quantized layer (packed weight, scales, biases) and requantize it for torch."""
+        shape = dict(self.model.get_submodule(path).named_parameters())["weight"].shape
+        N, K = shape
+        bits, g = self._bits, self._group_size
+        parts = {}
+        for attr, want in (("scales", (N, K // g)), ("biases", (N, K // g))):
+            aux = tensors.get(f"{path}.{attr}")
+            if aux is None:
+                raise CheckpointError(f"missing tensor {path}.{attr} in the checkpoint (for {info.stored_name})")
+            parts[attr] = self._checked(aux, read(aux), want)
+        packed = read(info)
+        if info.dtype != "U32" or tuple(packed.shape) != (N, K * bits // 32):
+            raise CheckpointError(
+                f"tensor {info.stored_name} is {info.dtype} {list(packed.shape)}, expected U32 {[N, K * bits // 32]} "
+                f"({bits}-bit MLX packing)"
+            )
+        packed = packed.to(self._device)
+        scales, biases = (parts[a].to(self._device).float() for a in ("scales", "biases"))
+        if path != "text.embed_tokens" and bits == 4 and g in (32, 64, 128, 256):
+            # same groups: w = s * q + b is tinygemm's (q - 8) * s + (b + 8 s), so no rounding at all
+            return QuantizedLinear.from_int4(mlx_unpack(packed, 4), scales, biases + 8 * scales, g, self._dtype)
+        w = mlx_dequantize(packed, scales, biases, bits)
+        return self._quantize_layer(path, w)
+
+    @torch.inference_mode()
+    def image_features(self, pixel_values: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self._device, self._dtype)
+        return self.model.image_features(pixels)
+
+    def stack_features(self, rows: list) -> torch.Tensor:
+        return torch.cat(rows, dim=0)
+
+    def _masks(self, pad, start, length, total, prefix_len) -> dict:
+        masks = attention_masks(pad, start, length, total, prefix_len, self.config.text.sliding_window)
+        return {k: (None if m is None else torch.from_numpy(m).to(self._device)) for k, m in masks.items()}
+
+    def _forward(self, input_ids, features, pad, prefix_len, cache, last_only) -> torch.Tensor:
+        B, T = input_ids.shape
+        h = self.model.embed(self._ids(input_ids), features, self._ids(pad))
+        masks = self._masks(pad, 0, T, T, prefix_len)
+        return self.model(h, masks, cache, 0, last_only)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, features, pad, prefix_len):
+        cache = make_cache(self.config.text.num_hidden_layers)
+        logits = self._forward(input_ids, features, pad, prefix_len, cache, last_only=True)
+        return State(cache, input_ids.shape[1], pad, prefix_len), _to_numpy(logits[:, -1, :])
+
+    @torch.inference_mode()
+    def decode(self, state: State, token_ids: np.ndarray) -> np.ndarray:
+        h = self.model.embed(self._ids(token_ids)[:, None], None, None)
+        masks = self._masks(state.pad, state.offset, 1, state.offset + 1, state.prefix_len)
+        logits = self.model(h, masks, state.cache, state.offset, last_only=True)
+        state.offset += 1
+        return _to_numpy(logits[:, -1, :])
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids, features, prefix_len):
+        pad = np.zeros(input_ids.shape[0], dtype=np.int64)
+        return _to_numpy(self._forward(input_ids, features, pad, prefix_len, None, last_only=False)[0])
+
+    def _ids(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self._device)
+
+    def peak_memory(self) -> int:
+        if self._device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self._device))
+        return super().peak_memory()
+
+    def reset_peak_memory(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+
+def _safe_open(file: Path, device: str):
+    from safetensors import safe_open
+
+    return safe_open(str(file), framework="pt", device=device)
+
+
+def _to_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.float().cpu().numpy()

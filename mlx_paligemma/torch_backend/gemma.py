@@ -1,0 +1,157 @@
+"""Gemma 1 and Gemma 2 decoders, as PaliGemma 1 and 2 use them.
+
+The config decides every difference (one branch point, `TextConfig.is_gemma2`): Gemma 2 adds
+sandwich norms around attention and MLP, attention-logit and final-logit softcaps, a
+query_pre_attn_scalar for the attention scale and a sliding window on alternate layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, scaled by (1 + w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        # (x * (1 + w)) in float32, then the cast, as transformers does
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding with MLX's `as_linear`, the output head tied to it."""
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def rope(x: torch.Tensor, inv_freq: torch.Tensor, offset: int) -> torch.Tensor:
+    """transformers' RoPE (rotate_half): angles in float32, cos and sin cast to x's dtype.
+
+    x is (B, n, L, hd) at positions offset .. offset + L.
+    """
+    L = x.shape[2]
+    positions = torch.arange(offset, offset + L, device=x.device, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq.to(x.device)[None, :]  # (L, hd/2)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        dim, hd = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.scale = config.attn_scale
+        self.softcap = config.attn_logit_softcapping
+        # computed on the CPU in float32 as transformers does (not a buffer: the model is built on "meta")
+        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device="cpu") / hd))
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache, offset: int) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(1, 2)  # (B, nh, L, hd)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, nkv, L, hd)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)
+        # positions count from 1, as in transformers (with RoPE only rounding differs from 0)
+        q = rope(q, self.inv_freq, offset + 1)
+        k = rope(k, self.inv_freq, offset + 1)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        else:
+            out = self._softcapped_attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+    def _softcapped_attention(self, q, k, v, mask):
+        B, nh, L, hd = q.shape
+        rep = self.n_heads // self.n_kv_heads
+        q = q.reshape(B, self.n_kv_heads, rep, L, hd)  # query heads grouped by the kv head they share
+        k, v = k[:, :, None], v[:, :, None]
+        scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, nkv, rep, L, S)
+        # the softcap comes before the mask, as in transformers
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return (weights @ v).reshape(B, nh, L, hd)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))  # gelu, tanh approximation
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        self.sliding = config.is_sliding(layer)
+        self.sandwich = config.is_gemma2
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, masks: dict, cache, offset: int) -> torch.Tensor:
+        mask = masks["sliding" if self.sliding else "full"]
+        h = self.self_attn(self.input_layernorm(x), mask, cache, offset)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        # Gemma 1's post_attention_layernorm is the norm before the MLP
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # text embeddings are scaled by sqrt(hidden), the scale (a float32 scalar) cast to the compute dtype first
+        h = self.embed_tokens(input_ids)
+        return h * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(h.dtype)
+
+    def forward(self, h: torch.Tensor, masks: dict, cache: list | None, offset: int) -> torch.Tensor:
+        """Hidden states (B, L, D) after the final norm."""
+        for i, layer in enumerate(self.layers):
+            h = layer(h, masks, cache[i] if cache is not None else None, offset)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        # the output head is tied to the embedding; Gemma 2 soft-caps the final logits
+        out = self.embed_tokens.as_linear(h)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
