@@ -26,17 +26,36 @@ class Backend(ABC):
     def image_features(self, pixel_values: np.ndarray) -> Any:
         """(B, 3, S, S) float32 pixels -> device features (B, N, text hidden)."""
 
+    # True where the device runs ahead of the host: the loop then queues the next decode step
+    # before it waits for the ids of the current one
+    pipelined: bool = False
+
     @abstractmethod
-    def prefill(self, input_ids: np.ndarray, features: Any, pad: np.ndarray, prefix_len: int) -> tuple[Any, np.ndarray]:
+    def prefill(self, input_ids: np.ndarray, features: Any, pad: np.ndarray, prefix_len: int) -> tuple[Any, Any]:
         """Run a left-padded prefix (B, T) through a fresh KV cache.
 
         pad[b] is the number of padding tokens at the start of row b; every row's prefix ends at
-        prefix_len == T. Returns (state, float32 logits of the last position (B, vocab)).
+        prefix_len == T. Returns (state, logits of the last position (B, vocab) on the device).
         """
 
     @abstractmethod
-    def decode(self, state: Any, token_ids: np.ndarray) -> np.ndarray:
-        """One token per row (B,) through the cache -> float32 logits (B, vocab)."""
+    def decode(self, state: Any, token_ids: Any) -> Any:
+        """One token per row through the cache -> logits (B, vocab) on the device.
+
+        token_ids: (B,) numpy ids, or a handle from `greedy` (the ids never leave the device).
+        """
+
+    @abstractmethod
+    def greedy(self, logits: Any, vocab_limit: int, banned: int | None) -> Any:
+        """Argmax over ids < vocab_limit (never `banned`) on the device -> a handle for decode/host_ids."""
+
+    @abstractmethod
+    def host_ids(self, handle: Any) -> np.ndarray:
+        """The (B,) ids of a `greedy` handle on the host: the only transfer of a greedy step."""
+
+    @abstractmethod
+    def to_numpy(self, logits: Any) -> np.ndarray:
+        """Device logits -> float32 numpy (for sampling on the host, and for tests)."""
 
     @abstractmethod
     def forward_logits(self, input_ids: np.ndarray, features: Any, prefix_len: int) -> np.ndarray:

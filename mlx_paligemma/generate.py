@@ -82,18 +82,29 @@ def generate_steps(
     state, logits = backend.prefill(input_ids, feats, pad, prefix_len=T)
     first = None
     for step in range(max_tokens):
-        if step < min_tokens:
-            logits[:, eos_id] = -np.inf
-        tokens = sample(logits, params, rngs, vocab_limit)
+        banned = eos_id if step < min_tokens else None
+        last = step + 1 == max_tokens
+        following = None
+        if params.temperature == 0:
+            handle = backend.greedy(logits, vocab_limit, banned)
+            if backend.pipelined and not last:
+                following = backend.decode(state, handle)  # queued before the host waits for the ids
+            tokens = backend.host_ids(handle)
+        else:
+            host = backend.to_numpy(logits)
+            if banned is not None:
+                host[:, banned] = -np.inf
+            tokens = sample(host, params, rngs, vocab_limit)
         if first is None:
             first = time.perf_counter()
             stats.ttft_s = first - start
         alive &= tokens != eos_id
         stats.generated_tokens = step + 1 if alive.any() else step
         yield tokens, alive.copy()
-        if not alive.any() or step + 1 == max_tokens:
+        if not alive.any() or last:
             break
-        logits = backend.decode(state, np.where(alive, tokens, eos_id))
+        # finished rows keep decoding (their outputs are ignored): rows never interact
+        logits = following if following is not None else backend.decode(state, tokens)
     end = time.perf_counter()
     stats.total_s = end - start
     decoded = max(stats.generated_tokens - 1, 0)

@@ -127,9 +127,9 @@ def test_cached_decoding_equals_full_forward(backend, name, models, checkpoints)
     rng = np.random.default_rng(0)
     steps = rng.integers(4, checkpoints[name].real_vocab, 14)  # past the window of 8
     state, first = be.prefill(np.array([ids]), feats, np.zeros(1, dtype=np.int64), len(ids))
-    cached = [first[0]]
+    cached = [be.to_numpy(first)[0]]
     for t in steps[:-1]:
-        cached.append(be.decode(state, np.array([t]))[0])
+        cached.append(be.to_numpy(be.decode(state, np.array([t])))[0])
     full = be.forward_logits(np.array([ids + steps[:-1].tolist()]), feats, len(ids))[len(ids) - 1:]
     assert rel_diff(np.stack(cached), full) <= 1e-5
 

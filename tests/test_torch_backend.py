@@ -126,10 +126,11 @@ def test_cached_decoding_past_cache_growth_equals_full_forward(models, checkpoin
     pad = np.array([0, 2])
     rows = np.stack([ids, [0, 0] + ids[:-2]])  # row 1: left-padded, a shorter prompt
     state, first = be.prefill(rows, feats, pad, len(ids))
+    first = be.to_numpy(first)
     assert first.dtype == np.float32 and first.shape == (2, model.config.text.vocab_size)
     cached = [first]
     for t in steps.T[:-1]:
-        cached.append(be.decode(state, t))
+        cached.append(be.to_numpy(be.decode(state, t)))
     cached = np.stack(cached, axis=1)
     full = be.forward_logits(np.array([ids + steps[0, :-1].tolist()]), be.slice_features(feats, 0), len(ids))
     assert rel_diff(cached[0], full[len(ids) - 1:]) <= 1e-5

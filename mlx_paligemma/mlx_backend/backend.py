@@ -42,6 +42,7 @@ class State:
 
 class MLXBackend(Backend):
     name = "mlx"
+    pipelined = True  # lazy graphs: the next step is queued before the host reads an id
 
     def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str | None = None,
                  quantize: int | None = None, group_size: int = 64):
@@ -113,15 +114,32 @@ class MLXBackend(Backend):
 
     def prefill(self, input_ids, features, pad, prefix_len):
         cache = make_cache(self.config.text.num_hidden_layers)
-        logits = self._forward(input_ids, features, pad, prefix_len, cache, last_only=True)
-        return State(cache, input_ids.shape[1], pad, prefix_len), _to_numpy(logits[:, -1, :])
+        logits = self._forward(input_ids, features, pad, prefix_len, cache, last_only=True)[:, -1, :]
+        mx.async_eval(logits)
+        return State(cache, input_ids.shape[1], pad, prefix_len), logits
 
-    def decode(self, state: State, token_ids: np.ndarray) -> np.ndarray:
-        h = self.model.embed(mx.array(token_ids)[:, None], None, None)
+    def decode(self, state: State, token_ids) -> mx.array:
+        ids = token_ids if isinstance(token_ids, mx.array) else mx.array(np.asarray(token_ids))
+        h = self.model.embed(ids[:, None], None, None)
         masks = self._masks(state.pad, state.offset, 1, state.offset + 1, state.prefix_len)
-        logits = self.model(h, masks, state.cache, state.offset, last_only=True)
+        logits = self.model(h, masks, state.cache, state.offset, last_only=True)[:, -1, :]
         state.offset += 1
-        return _to_numpy(logits[:, -1, :])
+        mx.async_eval(logits)  # the device starts now; the host syncs only on the ids it reads
+        return logits
+
+    def greedy(self, logits: mx.array, vocab_limit: int, banned: int | None) -> mx.array:
+        logits = logits[:, :vocab_limit]
+        if banned is not None:
+            logits = mx.where(mx.arange(vocab_limit) == banned, -mx.inf, logits)
+        ids = mx.argmax(logits, axis=-1)
+        mx.async_eval(ids)
+        return ids
+
+    def host_ids(self, handle: mx.array) -> np.ndarray:
+        return np.array(handle).astype(np.int64)
+
+    def to_numpy(self, logits) -> np.ndarray:
+        return _to_numpy(logits) if isinstance(logits, mx.array) else np.asarray(logits, dtype=np.float32)
 
     def forward_logits(self, input_ids, features, prefix_len):
         pad = np.zeros(input_ids.shape[0], dtype=np.int64)

@@ -100,6 +100,13 @@ def quantizable(path: str, module: nn.Module) -> bool:
 
 
 @dataclass
+class Greedy:
+    ids: torch.Tensor  # on the device, fed to the next decode step
+    host: torch.Tensor  # the same ids on the host (being copied on CUDA)
+    done: object  # CUDA event marking the copy, None elsewhere
+
+
+@dataclass
 class State:
     cache: list
     offset: int
@@ -116,6 +123,7 @@ class TorchBackend(Backend):
             raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
         self._device = pick_device(device)
         self.device = str(self._device)
+        self.pipelined = self._device.type == "cuda"  # kernels run ahead of the host only on CUDA
         self.dtype = pick_dtype(dtype, self._device)
         self._dtype = DTYPES[self.dtype]
         self.config = checkpoint.config
@@ -236,15 +244,40 @@ class TorchBackend(Backend):
     def prefill(self, input_ids, features, pad, prefix_len):
         cache = make_cache(self.config.text.num_hidden_layers)
         logits = self._forward(input_ids, features, pad, prefix_len, cache, last_only=True)
-        return State(cache, input_ids.shape[1], pad, prefix_len), _to_numpy(logits[:, -1, :])
+        return State(cache, input_ids.shape[1], pad, prefix_len), logits[:, -1, :]
 
     @torch.inference_mode()
-    def decode(self, state: State, token_ids: np.ndarray) -> np.ndarray:
-        h = self.model.embed(self._ids(token_ids)[:, None], None, None)
+    def decode(self, state: State, token_ids) -> torch.Tensor:
+        ids = token_ids.ids if isinstance(token_ids, Greedy) else self._ids(token_ids)
+        h = self.model.embed(ids[:, None], None, None)
         masks = self._masks(state.pad, state.offset, 1, state.offset + 1, state.prefix_len)
         logits = self.model(h, masks, state.cache, state.offset, last_only=True)
         state.offset += 1
-        return _to_numpy(logits[:, -1, :])
+        return logits[:, -1, :]
+
+    @torch.inference_mode()
+    def greedy(self, logits: torch.Tensor, vocab_limit: int, banned: int | None) -> "Greedy":
+        logits = logits[:, :vocab_limit]
+        if banned is not None:
+            logits = logits.clone()
+            logits[:, banned] = -torch.inf
+        ids = logits.argmax(dim=-1)
+        if self._device.type != "cuda":
+            return Greedy(ids, ids, None)
+        # copy the ids out before the next step is queued, and wait only for that copy
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Greedy(ids, host, done)
+
+    def host_ids(self, handle: "Greedy") -> np.ndarray:
+        if handle.done is not None:
+            handle.done.synchronize()
+        return handle.host.numpy().astype(np.int64)
+
+    def to_numpy(self, logits) -> np.ndarray:
+        return _to_numpy(logits) if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float32)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids, features, prefix_len):

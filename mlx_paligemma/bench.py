@@ -1,0 +1,359 @@
+"""Benchmark: our backends side by side with transformers and mlx-vlm, each engine in its own process.
+
+    paligemma bench                                  # 3B-224, bf16 engines, 3 runs each
+    paligemma bench --engines ours-torch-bfloat16,transformers-bfloat16 --runs 5
+    paligemma bench --config 3b-224 --layers 4 --engines ours-mlx-float32,mlx-vlm-float32
+    paligemma bench --batch 1,4,8 --engines ours-torch-bfloat16
+
+A full-size random-weight checkpoint (hub layout, bf16) is written once and cached. Generation
+length is forced (eos ignored) so that every engine does the same work: a prompt on one image,
+then 64 new tokens. Reported per engine, median and spread over the runs: load time, vision
+time, time to first token, decode tokens/s, peak resident memory; plus the memory bandwidth
+measured on the spot and the decode ceiling it implies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "caption en"
+DEFAULT_ENGINES = "ours-torch-bfloat16,ours-torch-int8,transformers-bfloat16"
+ENGINE_KINDS = ("ours-torch", "ours-mlx", "transformers", "mlx-vlm")
+VARIANTS = ("float32", "bfloat16", "float16", "int8", "int4")
+
+
+def bench_image() -> np.ndarray:
+    from PIL import Image
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "images" / "astronaut.jpg"
+    if path.exists():
+        return np.asarray(Image.open(path).convert("RGB"))
+    rng = np.random.default_rng(0)
+    return np.asarray(Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).resize((512, 384)))
+
+
+def parse_engine(name: str) -> tuple[str, str]:
+    kind, _, variant = name.rpartition("-")
+    if kind not in ENGINE_KINDS or variant not in VARIANTS:
+        raise ValueError(f"unknown engine {name!r}: use KIND-VARIANT with KIND in {ENGINE_KINDS} and VARIANT in {VARIANTS}")
+    return kind, variant
+
+
+def peak_rss() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+# --- workers: one engine, one process, one JSON line on stdout -------------------------------
+
+def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int) -> dict:
+    import mlx_paligemma as pg
+    from mlx_paligemma.processor import pixel_values
+
+    backend = "torch" if kind == "ours-torch" else "mlx"
+    quantize = {"int8": 8, "int4": 4}.get(variant)
+    dtype = "bfloat16" if quantize else variant
+    t0 = time.perf_counter()
+    model = pg.load(folder, backend=backend, dtype=dtype, quantize=quantize)
+    load_s = time.perf_counter() - t0
+    image = bench_image()
+    pixels, _ = pixel_values([image], model.config.image_size)
+    t0 = time.perf_counter()
+    feats = model.backend.image_features(pixels)
+    _sync(model.backend, feats)
+    vision_s = time.perf_counter() - t0
+    model._features.clear()  # the timed runs below start cold
+    if batch > 1:
+        images = [np.ascontiguousarray(np.roll(image, 7 * i, axis=1)) for i in range(batch)]
+        t0 = time.perf_counter()
+        outs = model.generate_batch(images, [PROMPT] * batch, max_tokens=tokens, min_tokens=tokens)
+        total = time.perf_counter() - t0
+        s = outs[0].stats
+        return {"load_s": load_s, "vision_s": vision_s, "batch": batch, "ttft_s": s.ttft_s,
+                "aggregate_tokens_per_s": batch * (tokens - 1) / (s.total_s - s.ttft_s),
+                "total_s": total, "peak_rss_bytes": peak_rss()}
+    out = model.generate(image, PROMPT, max_tokens=tokens, min_tokens=tokens)
+    again = model.generate(image, PROMPT, max_tokens=1, min_tokens=1)  # same image: features cached
+    s = out.stats
+    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": s.ttft_s, "ttft_repeat_s": again.stats.ttft_s,
+            "decode_tokens_per_s": s.decode_tokens_per_s, "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.generated_tokens, "peak_rss_bytes": peak_rss(), "device": s.device}
+
+
+def _sync(backend, x) -> None:
+    if backend.name == "mlx":
+        import mlx.core as mx
+
+        mx.eval(x)
+    elif "cuda" in backend.device:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _hf_processor(folder: Path, size: int):
+    from transformers import AutoTokenizer, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    ip = SiglipImageProcessorPil(size={"height": size, "width": size})
+    ip.image_seq_length = (size // 14) ** 2
+    return PaliGemmaProcessor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder))
+
+
+def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+
+    t0 = time.perf_counter()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
+        folder, dtype=getattr(torch, variant), attn_implementation="eager").eval()
+    load_s = time.perf_counter() - t0
+    processor = _hf_processor(folder, model.config.vision_config.image_size)
+    inputs = processor(images=bench_image(), text="<image>" + PROMPT, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    pad_rows = list(range(257152, model.config.text_config.vocab_size))
+    kw = dict(do_sample=False, suppress_tokens=pad_rows)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.get_image_features(inputs["pixel_values"])
+        vision_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+        total = time.perf_counter() - t0
+    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": ttft,
+            "decode_tokens_per_s": (tokens - 1) / max(total - ttft, 1e-9),
+            "prompt_tokens": int(inputs["input_ids"].shape[1]), "generated_tokens": tokens,
+            "peak_rss_bytes": peak_rss(), "device": "cpu"}
+
+
+def worker_mlx_vlm(variant: str, folder: Path, tokens: int) -> dict:
+    import mlx.core as mx
+    from mlx_vlm import load
+    from mlx_vlm.generate import stream_generate
+
+    from .config import PaliGemmaConfig
+
+    size = PaliGemmaConfig.from_file(folder / "config.json").image_size
+    _hf_processor(folder, size).save_pretrained(folder)  # mlx-vlm reads the processor files
+    t0 = time.perf_counter()
+    model, processor = load(str(folder))
+    if variant != "bfloat16":
+        model.set_dtype(getattr(mx, variant))
+    load_s = time.perf_counter() - t0
+    from PIL import Image
+
+    image = Image.fromarray(bench_image())
+    first, t0, n = None, time.perf_counter(), 0
+    for _ in stream_generate(model, processor, "<image>" + PROMPT, image=[image], max_tokens=tokens,
+                             temperature=0.0, logits_processors=[_no_eos]):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"load_s": load_s, "vision_s": float("nan"), "ttft_s": first - t0,
+            "decode_tokens_per_s": (n - 1) / max(end - first, 1e-9), "generated_tokens": n,
+            "peak_rss_bytes": peak_rss(), "device": str(mx.default_device())}
+
+
+def _no_eos(tokens, logits):
+    import mlx.core as mx
+
+    mask = mx.zeros(logits.shape[-1], dtype=mx.bool_)
+    mask[1] = True  # eos: the generation length is forced
+    mask[257152:] = True  # never the embedding's padding rows
+    return mx.where(mask, -mx.inf, logits)
+
+
+def worker(args) -> int:
+    kind, variant = parse_engine(args.worker)
+    folder = Path(args.folder)
+    if kind in ("ours-torch", "ours-mlx"):
+        result = worker_ours(kind, variant, folder, args.tokens, args.batch_size)
+    elif kind == "transformers":
+        result = worker_transformers(variant, folder, args.tokens)
+    else:
+        result = worker_mlx_vlm(variant, folder, args.tokens)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# --- the parent: checkpoint, hardware ceiling, runs, table --------------------------------
+
+def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth: the best of a few full passes summing a large buffer (all cores, via torch if present)."""
+    try:
+        import torch
+
+        x = torch.ones(size_mb * 1024 * 1024 // 4, dtype=torch.float32)
+        x.sum()
+        best = min(_timed(lambda: x.sum()) for _ in range(repeats))
+    except ImportError:
+        x = np.ones(size_mb * 1024 * 1024 // 4, dtype=np.float32)
+        x.sum()
+        best = min(_timed(lambda: x.sum()) for _ in range(repeats))
+    return size_mb * 1024 * 1024 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_bytes_per_token(config, variant: str) -> float:
+    """Bytes of weights read per decoded token: the text decoder's weights plus the tied output head."""
+    t = config.text
+    per_layer = (2 * t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim * t.hidden_size \
+        + 3 * t.hidden_size * t.intermediate_size
+    head = t.vocab_size * t.hidden_size
+    per_weight = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}[variant]
+    head_bytes = head * (1 if variant in ("int8", "int4") else per_weight)  # our quantized head is int8
+    return per_layer * t.num_hidden_layers * per_weight + head_bytes
+
+
+def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "mlx_paligemma.bench", "--worker", engine, "--folder", str(folder),
+           "--tokens", str(tokens), "--batch-size", str(batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:300]}
+
+
+def summarise(results: list[dict]) -> dict:
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return {"error": results[-1]["error"], "runs": 0}
+    out = {"runs": len(ok)}
+    for key in ok[0]:
+        values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+        if values:
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        else:
+            out[key] = ok[0][key]
+    return out
+
+
+def _fmt(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    v = entry.get(key)
+    if not isinstance(v, dict) or v["median"] != v["median"]:
+        return "-"
+    m, lo, hi = v["median"] * scale, v["min"] * scale, v["max"] * scale
+    return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def table(summary: dict[str, dict], batch_mode: bool) -> str:
+    if batch_mode:
+        head = "| engine | batch | aggregate tokens/s | time to first token s | peak RSS GB |\n|---|---|---|---|---|\n"
+        rows = [f"| {e} | {s.get('batch', {}).get('median', '-') if isinstance(s.get('batch'), dict) else '-'} | "
+                f"{_fmt(s, 'aggregate_tokens_per_s')} | {_fmt(s, 'ttft_s')} | {_fmt(s, 'peak_rss_bytes', 1e-9)} |"
+                if "error" not in s else f"| {e} | error: {s['error']} |||" for e, s in summary.items()]
+        return head + "\n".join(rows)
+    head = ("| engine | load s | vision s | first token s | first token, same image again s | decode tokens/s | peak RSS GB |\n"
+            "|---|---|---|---|---|---|---|\n")
+    rows = []
+    for e, s in summary.items():
+        if "error" in s:
+            rows.append(f"| {e} | error: {s['error']} ||||||")
+            continue
+        rows.append(f"| {e} | {_fmt(s, 'load_s', digits=1)} | {_fmt(s, 'vision_s')} | {_fmt(s, 'ttft_s')} | "
+                    f"{_fmt(s, 'ttft_repeat_s')} | {_fmt(s, 'decode_tokens_per_s')} | {_fmt(s, 'peak_rss_bytes', 1e-9)} |")
+    return head + "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="paligemma bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="3b-224", help="3b-224 (default), 3b-448, 10b-224, 28b-896, pg1-3b-224, ...")
+    ap.add_argument("--layers", type=int, default=None, help="cut the text model to N layers (quick runs)")
+    ap.add_argument("--engines", default=DEFAULT_ENGINES,
+                    help=f"comma-separated KIND-VARIANT, KIND in {', '.join(ENGINE_KINDS)}, VARIANT in {', '.join(VARIANTS)}")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", default=None, help="batch mode: comma-separated batch sizes, e.g. 1,4,8")
+    ap.add_argument("--json", default="bench_out/bench.json", help="where to write the results")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    from .config import PaliGemmaConfig
+    from .fullsize import full_size_checkpoint
+
+    try:
+        engines = [e for e in args.engines.split(",") if e]
+        for e in engines:
+            parse_engine(e)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: random {args.config}" + (f", {args.layers} text layers" if args.layers else ""), file=sys.stderr)
+    folder = full_size_checkpoint(args.config, args.layers, progress=None)
+    config = PaliGemmaConfig.from_file(folder / "config.json")
+    bandwidth = memory_bandwidth_gbs()
+    env = dict(os.environ)
+    sizes = [int(b) for b in args.batch.split(",")] if args.batch else [1]
+    summary, raw = {}, {}
+    for b in sizes:
+        results: dict[str, list] = {e: [] for e in engines}
+        for run in range(args.runs):
+            order = engines if run % 2 == 0 else engines[::-1]  # alternate, so no engine always runs first
+            for e in order:
+                print(f"run {run + 1}/{args.runs}: {e}" + (f" batch {b}" if args.batch else ""), file=sys.stderr)
+                results[e].append(run_engine(e, folder, args.tokens, b, env))
+        for e in engines:
+            key = f"{e} x{b}" if args.batch else e
+            summary[key], raw[key] = summarise(results[e]), results[e]
+    ceilings = {e: bandwidth * 1e9 / decode_bytes_per_token(config, parse_engine(e)[1]) for e in engines}
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "config": args.config,
+        "layers": args.layers, "tokens": args.tokens, "prompt": PROMPT,
+        "memory_read_gb_s": bandwidth, "decode_ceiling_tokens_per_s": ceilings,
+        "summary": summary, "runs": raw,
+        "command": "paligemma bench " + " ".join(a for a in (argv or sys.argv[1:])),
+    }
+    print(table(summary, bool(args.batch)))
+    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s; decode ceiling (weights read per token / bandwidth): "
+          + ", ".join(f"{e} {c:.1f} tokens/s" for e, c in ceilings.items()))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"results written to {out}", file=sys.stderr)
+    return 0
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
