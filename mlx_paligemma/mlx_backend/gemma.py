@@ -7,10 +7,24 @@ query_pre_attn_scalar for the attention scale and a sliding window on alternate 
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TextConfig
+
+
+@partial(mx.compile, shapeless=True)
+def softcap(x: mx.array, cap: mx.array) -> mx.array:
+    """cap * tanh(x / cap), fused into one kernel."""
+    return mx.tanh(x / cap) * cap
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
+    """gelu(gate) * up with gelu's tanh approximation, fused into one kernel."""
+    return nn.gelu_approx(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +74,7 @@ class Attention(nn.Module):
         q = q.reshape(B, self.n_kv_heads, rep, L, hd)  # query heads grouped by the kv head they share
         k, v = k[:, :, None], v[:, :, None]
         scores = (q * self.scale) @ k.swapaxes(-1, -2)  # (B, nkv, rep, L, S)
-        scores = mx.tanh(scores / self.softcap) * self.softcap
+        scores = softcap(scores, mx.array(self.softcap, scores.dtype))
         if mask is not None:
             scores = mx.where(mask[:, :, None], scores, mx.finfo(scores.dtype).min)
         weights = mx.softmax(scores, axis=-1, precise=True)
@@ -75,7 +89,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))  # gelu, tanh approximation
+        return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -126,5 +140,5 @@ class GemmaModel(nn.Module):
         out = self.embed_tokens.as_linear(h)
         cap = self.config.final_logit_softcapping
         if cap is not None:
-            out = mx.tanh(out / cap) * cap
+            out = softcap(out, mx.array(cap, out.dtype))
         return out

@@ -14,6 +14,16 @@ import torch.nn.functional as F
 from ..config import TextConfig
 
 
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap)."""
+    return torch.tanh(x / cap) * cap
+
+
+def gelu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate) * up with gelu's tanh approximation."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: computed in float32, scaled by (1 + w)."""
 
@@ -87,7 +97,7 @@ class Attention(nn.Module):
         k, v = k[:, :, None], v[:, :, None]
         scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, nkv, rep, L, S)
         # the softcap comes before the mask, as in transformers
-        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = softcap(scores, self.softcap)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -102,7 +112,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))  # gelu, tanh approximation
+        return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -153,5 +163,5 @@ class GemmaModel(nn.Module):
         out = self.embed_tokens.as_linear(h)
         cap = self.config.final_logit_softcapping
         if cap is not None:
-            out = torch.tanh(out / cap) * cap
+            out = softcap(out, cap)
         return out
