@@ -56,7 +56,7 @@ def parse_detections(text: str, image_size: tuple[int, int]) -> list[Detection]:
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         # the label runs to the next object's separator; what follows it is not part of this object
         label = text[m.end() : end].split(";", 1)[0]
-        label = " ".join(_SPECIAL_TOKEN.sub(" ", label).split())
+        label = " ".join(_drop_special_tokens(label).split())
         y0, x0, y1, x1 = (int(g) for g in m.groups())
         # bin / 1024 is the bin-start convention of Google's demo code; big_vision encodes
         # round(v * 1023), so the two differ by under one bin
@@ -64,6 +64,14 @@ def parse_detections(text: str, image_size: tuple[int, int]) -> list[Detection]:
         ys = sorted(_clamp(b / LOC_BINS * height, height) for b in (y0, y1))
         detections.append(Detection(label, (xs[0], ys[0], xs[1], ys[1])))
     return detections
+
+
+def _drop_special_tokens(text: str) -> str:
+    # repeated because removing `<b>` from `<a<b>c>` leaves a new token `<a c>`
+    n = 1
+    while n:
+        text, n = _SPECIAL_TOKEN.subn(" ", text)
+    return text
 
 
 def _clamp(v: float, limit: int) -> float:
@@ -90,9 +98,9 @@ def draw_detections(image: Image.Image, detections, *, line_width: int | None = 
     for det in detections:
         # colours follow the order labels first appear, so distinct labels differ up to 12 of them
         colour = colours.setdefault(det.label, _PALETTE[len(colours) % len(_PALETTE)])
-        x0, y0, x1, y1 = (round(v) for v in det.box)
-        x0, x1 = (min(max(v, 0), w - 1) for v in (x0, x1))
-        y0, y1 = (min(max(v, 0), h - 1) for v in (y0, y1))
+        # sorted, because PIL refuses a rectangle given right-to-left
+        x0, x1 = sorted(min(max(round(v), 0), w - 1) for v in (det.box[0], det.box[2]))
+        y0, y1 = sorted(min(max(round(v), 0), h - 1) for v in (det.box[1], det.box[3]))
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line_width)
         if det.label:
             _draw_label(draw, det.label, (x0, y0), colour, font, (w, h))
@@ -100,6 +108,9 @@ def draw_detections(image: Image.Image, detections, *, line_width: int | None = 
 
 
 def _draw_label(draw, label, corner, colour, font, size):
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        # without FreeType Pillow falls back to a bitmap font that only encodes Latin-1
+        label = label.encode("latin-1", "replace").decode("latin-1")
     left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
     tw, th = right - left + 4, bottom - top + 4
     w, h = size

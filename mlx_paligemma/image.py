@@ -42,6 +42,11 @@ _DECODE_ERRORS = (
     Image.DecompressionBombWarning,
 )
 
+# Formats a photo arrives in. Pillow would also try EPS (which runs Ghostscript on the file) and
+# a long tail of rare formats; an allowlist keeps untrusted files away from those code paths.
+# Camera MPO files are read by the JPEG plugin.
+READ_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "ICO", "AVIF")
+
 _SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 
 
@@ -79,6 +84,9 @@ def _open_path(path: Path, max_pixels: int) -> Image.Image:
             raise ImageError(f"{path}: no such image file")
         if path.is_dir():
             raise ImageError(f"{path}: is a folder, not an image file")
+        if not path.is_file():
+            # a FIFO or device would block or never end; only regular files are read
+            raise ImageError(f"{path}: not a regular file")
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: the file is empty (0 bytes)")
         with open(path, "rb") as f:
@@ -97,16 +105,22 @@ def _open_bytes(data, name: str, max_pixels: int) -> Image.Image:
         # still raises DecompressionBombError, reported below
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(fp) as im:
+            with Image.open(fp, formats=_installed(READ_FORMATS)) as im:
                 return _decode(im, name, max_pixels, upright=True)
         except Image.DecompressionBombError as e:
             raise ImageError(f"{name}: image too large for Pillow ({e}); the limit here is {max_pixels} pixels") from e
         except Image.UnidentifiedImageError as e:
-            raise ImageError(f"{name}: not an image file (unknown format)") from e
+            raise ImageError(f"{name}: not an image in a supported format ({', '.join(READ_FORMATS)})") from e
         except _DECODE_ERRORS as e:
             if isinstance(e, ImageError):
                 raise
             raise ImageError(f"{name}: corrupt or truncated image ({_reason(e)})") from e
+
+
+def _installed(formats) -> list[str]:
+    # Image.open raises KeyError for a format whose plugin this Pillow lacks (AVIF is optional)
+    Image.init()
+    return [f for f in formats if f in Image.OPEN]
 
 
 def _decode(im: Image.Image, name: str, max_pixels: int, upright: bool) -> Image.Image:
@@ -132,7 +146,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         # Pillow's convert clips these to 0..255, turning most 16-bit images white
         samples = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
-        im = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+        im = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8))
     if "A" in im.getbands() or "a" in im.getbands() or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -147,8 +161,8 @@ def _from_array(a: np.ndarray) -> Image.Image:
             f"cannot use an array of shape {a.shape} and dtype {a.dtype} as an image: "
             "expected uint8 HxW, HxWx3 or HxWx4"
         )
-    mode = {2: "L", 3: "RGB", 4: "RGBA"}[a.ndim if a.ndim == 2 else a.shape[2]]
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(a), mode=mode))
+    # Pillow picks L, RGB or RGBA from the shape
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(a)))
 
 
 def _fetch(url: str) -> bytes:
