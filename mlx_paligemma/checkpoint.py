@@ -9,6 +9,7 @@ the config before a byte of weights is read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .errors import CheckpointError
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 WEIGHT_PATTERNS = ("*.safetensors", "*.json", "tokenizer.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors dtype string: F32, BF16, F16, U32, ...
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's bytes start in the file
+    nbytes: int = 0
 
 
 def resolve(path_or_repo: str | os.PathLike) -> Path:
@@ -45,27 +49,49 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
 
 
 def _download(repo_id: str) -> Path:
+    """The repo's snapshot folder, fetched or from the cache; never waits on the network for long.
+
+    The repo's current commit is asked first, with a timeout (HF_HUB_ETAG_TIMEOUT, 10 s unless
+    set): snapshot_download asks without one, and on a network that drops packets it would wait
+    for minutes. Given the commit, snapshot_download skips that call; without one (offline, or the
+    hub unreachable) only the cache is used.
+    """
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, constants, snapshot_download
         from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise CheckpointError(f"{repo_id}: huggingface_hub is not installed, so repo ids cannot be fetched") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    timeout = constants.HF_HUB_ETAG_TIMEOUT
+    revision, error = None, None
+    if not offline:
+        try:
+            # HF_TOKEN and HF_HOME are read by huggingface_hub itself
+            revision = HfApi().repo_info(repo_id, timeout=timeout).sha
+        except Exception as e:  # kept: reported only if the cache does not have the repo either
+            error = e
+    try:
+        return Path(snapshot_download(
+            repo_id, revision=revision, allow_patterns=list(WEIGHT_PATTERNS),
+            local_files_only=revision is None, etag_timeout=timeout,
+        ))
+    except LocalEntryNotFoundError as e:
+        error = error or e
+    except Exception as e:
+        error = e
     how = (
         f"download it on a connected machine with `hf download {repo_id}` (accept the licence on the hub and "
         "set HF_TOKEN first), then copy the folder here and pass its path"
     )
-    try:
-        # HF_TOKEN and HF_HOME are read by huggingface_hub itself; the cached snapshot is used when present.
-        return Path(snapshot_download(repo_id, allow_patterns=list(WEIGHT_PATTERNS), local_files_only=offline, etag_timeout=10))
-    except GatedRepoError:
+    if isinstance(error, GatedRepoError):
         raise CheckpointError(f"{repo_id}: gated repo; accept its licence on the hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
+    if isinstance(error, RepositoryNotFoundError):
         raise CheckpointError(f"{repo_id}: no such repo on the hub (or it is private and HF_TOKEN is not set)") from None
-    except LocalEntryNotFoundError:
+    if offline:
+        raise CheckpointError(f"{repo_id}: not in the local cache and HF_HUB_OFFLINE is set; {how}") from None
+    if revision is None:  # network errors come in many classes
         raise CheckpointError(f"{repo_id}: not in the local cache and the hub cannot be reached; {how}") from None
-    except Exception as e:  # network errors come in many classes
-        raise CheckpointError(f"{repo_id}: could not fetch from the hub ({type(e).__name__}); {how}") from None
+    raise CheckpointError(f"{repo_id}: could not fetch from the hub ({type(error).__name__}); {how}") from None
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -116,11 +142,22 @@ def read_header(path: Path) -> dict:
             continue
         try:
             start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+            ok = isinstance(dtype, str) and all(_count(v) for v in (start, end, *shape)) and start <= end
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: corrupt entry for tensor {name}") from None
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path.name}: corrupt entry for tensor {name}")
         if end > data_len:
             raise CheckpointError(f"{path.name}: truncated file, tensor {name} runs past the end")
+        itemsize = DTYPE_BYTES.get(dtype)
+        if itemsize is not None and end - start != itemsize * math.prod(shape):
+            raise CheckpointError(f"{path.name}: corrupt entry for tensor {name} (its size does not match its shape)")
     return header
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def canonical_name(stored: str) -> str | None:
@@ -158,7 +195,10 @@ def scan(folder: Path) -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint by canonical name; duplicates are an error."""
     tensors: dict[str, TensorInfo] = {}
     for file in safetensors_files(folder):
-        for stored, info in read_header(file).items():
+        header = read_header(file)
+        with open(file, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]  # the bytes after the 8-byte length and the header
+        for stored, info in header.items():
             if stored == "__metadata__":
                 continue
             name = canonical_name(stored)
@@ -166,7 +206,8 @@ def scan(folder: Path) -> dict[str, TensorInfo]:
                 continue
             if name in tensors:
                 raise CheckpointError(f"{file.name}: tensor {stored} appears twice in the checkpoint")
-            tensors[name] = TensorInfo(name, stored, file, info["dtype"], tuple(info["shape"]))
+            start, end = info["data_offsets"]
+            tensors[name] = TensorInfo(name, stored, file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
     return tensors
 
 

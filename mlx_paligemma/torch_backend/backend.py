@@ -146,8 +146,6 @@ class TorchBackend(Backend):
     def _load(self, checkpoint: Checkpoint, stored_q: bool) -> None:
         expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         loaded: set[str] = set()
-        # safetensors reads straight onto a CUDA device; elsewhere the CPU copy is moved
-        read_on = str(self._device) if self._device.type == "cuda" else "cpu"
         tensors = checkpoint.tensors
         with contextlib.ExitStack() as stack:
             handles = {}
@@ -155,10 +153,10 @@ class TorchBackend(Backend):
             def read(info: TensorInfo) -> torch.Tensor:
                 if info.file not in handles:
                     try:
-                        handles[info.file] = stack.enter_context(_safe_open(info.file, read_on))
-                    except Exception as e:
-                        raise CheckpointError(f"{info.file.name}: cannot be read as safetensors ({e})") from None
-                return handles[info.file].get_tensor(info.stored_name)
+                        handles[info.file] = stack.enter_context(open(info.file, "rb"))
+                    except OSError as e:
+                        raise CheckpointError(f"{info.file.name}: cannot be read ({e.strerror})") from None
+                return read_tensor(handles[info.file], info)
 
             for info in tensors.values():
                 module_path, _, attr = info.name.rpartition(".")
@@ -297,10 +295,26 @@ class TorchBackend(Backend):
             torch.cuda.reset_peak_memory_stats(self._device)
 
 
-def _safe_open(file: Path, device: str):
-    from safetensors import safe_open
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U32": torch.uint32,
+                 "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "I64": torch.int64}
 
-    return safe_open(str(file), framework="pt", device=device)
+
+def read_tensor(f, info: TensorInfo) -> torch.Tensor:
+    """One tensor of a safetensors file, read with plain reads into a fresh CPU tensor.
+
+    Not a memory map: mapped file pages count as resident memory on top of the weights, so a
+    mapped bf16 checkpoint would add its whole size to the peak.
+    """
+    dtype = STORED_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise CheckpointError(f"tensor {info.stored_name} has unsupported dtype {info.dtype}")
+    out = torch.empty(info.shape, dtype=dtype)
+    if out.numel() * out.element_size() != info.nbytes:
+        raise CheckpointError(f"tensor {info.stored_name}: {info.nbytes} bytes stored for shape {list(info.shape)}")
+    f.seek(info.offset)
+    if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != info.nbytes:
+        raise CheckpointError(f"{info.file.name}: truncated file, tensor {info.stored_name} runs past the end")
+    return out
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:
