@@ -1,0 +1,254 @@
+"""The `paligemma` command: one task on one image, or the interactive shell.
+
+    paligemma caption cat.jpg
+    paligemma answer cat.jpg what colour is the cat?
+    paligemma detect street.jpg "car ; person" --save boxes.jpg
+    paligemma -i cat.jpg -p "caption es" --json
+    paligemma chat --image cat.jpg
+    paligemma convert google/paligemma2-3b-mix-224 pg2-3b-4bit --quantize 4
+
+Everything goes through the public API. Settings and the image are checked before the model
+loads; any PaliGemmaError ends the run with one `error: ...` line on stderr and exit code 2,
+Ctrl-C with exit code 130. The answer goes to stdout, notes and the stats line to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .api import BACKENDS, DEFAULT_MAX_TOKENS, DTYPES
+from .checkpoint import DEFAULT_MODEL
+from .errors import OutputError, PaliGemmaError, SettingError
+from .shell import DEMO_NOTE, Settings, detect_things, is_detection_prompt, run_shell, task_prompt
+
+DETAIL_MAX_TOKENS = 512
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # what save_image_atomic writes
+TASKS = ("describe", "caption", "ocr", "answer", "detect")
+
+
+class UsageError(Exception):
+    """A command line argparse rejects; reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage and exit; we want one line
+        raise UsageError(message)
+
+
+def _shared(p: argparse.ArgumentParser, top: bool) -> None:
+    """Options every command takes, before or after the command's name.
+
+    Subcommands get them with SUPPRESS defaults so a value given before the command survives.
+    """
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("model and sampling")
+    g.add_argument("--model", default=d(DEFAULT_MODEL), help=f"checkpoint folder or repo id (default {DEFAULT_MODEL}; `demo` = a tiny random-weight model)")
+    g.add_argument("--backend", choices=BACKENDS, default=d("auto"), help="mlx, torch or auto (default auto: mlx on Apple silicon, torch elsewhere)")
+    g.add_argument("--dtype", choices=DTYPES, default=d(None), help="compute dtype (default: the backend's)")
+    g.add_argument("--max-tokens", type=int, default=d(None), metavar="N", help=f"most tokens in the answer (default {DEFAULT_MAX_TOKENS})")
+    g.add_argument("--temperature", type=float, default=d(0.0), metavar="T", help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=d(1.0), metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
+    g.add_argument("--top-k", type=int, default=d(0), metavar="K", help="sample among the K most likely tokens (default 0: no limit)")
+    g.add_argument("--seed", type=int, default=d(0), help="seed of the sampler (default 0)")
+    g.add_argument("--lang", default=d("en"), help="language code of describe, caption and answer (default en)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", default=d(False), help="print one JSON object with the answer, boxes and stats")
+    o.add_argument("--quiet", "-q", action="store_true", default=d(False), help="print only the answer text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="paligemma",
+        description="Ask PaliGemma about an image. With no command, start the interactive shell.",
+        epilog="Free prompt: paligemma -i IMAGE -p PROMPT. Exit codes: 0 done, 2 bad input or setting, 130 interrupted.",
+    )
+    parser.add_argument("-i", "--image", dest="free_image", metavar="IMAGE", help="image for a free prompt (with -p)")
+    parser.add_argument("-p", "--prompt", dest="free_prompt", metavar="PROMPT", help="any prompt, sent as is (with -i)")
+    _shared(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _shared(p, top=False)
+        return p
+
+    p = command("describe", "describe the image (prompt `describe en`)")
+    p.add_argument("image", help="image file")
+    p.add_argument("--detail", action="store_true", help=f"allow a longer answer ({DETAIL_MAX_TOKENS} tokens)")
+    command("caption", "a short caption (prompt `caption en`)").add_argument("image", help="image file")
+    command("ocr", "read the text in the image (prompt `ocr`)").add_argument("image", help="image file")
+    p = command("answer", "answer a question about the image (prompt `answer en QUESTION`)")
+    p.add_argument("image", help="image file")
+    p.add_argument("question", nargs="+", help="the question (quotes optional)")
+    p = command("detect", "boxes around things (prompt `detect car ; person`)")
+    p.add_argument("image", help="image file")
+    p.add_argument("things", nargs="+", help='what to look for, separated by ";", e.g. "car ; person"')
+    p.add_argument("--save", metavar="OUT", help="write the image with the boxes drawn (.jpg, .png or .webp)")
+    p = command("chat", "the interactive shell")
+    p.add_argument("--image", dest="image", help="start with this image")
+    sub.add_parser("convert", help="convert a checkpoint to an MLX folder (see paligemma convert --help)", add_help=False)
+    sub.add_parser("bench", help="measure speed (see paligemma bench --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "convert":
+            from .convert import main as convert_main
+
+            return convert_main(argv[1:])
+        if argv and argv[0] == "bench":
+            return _bench(argv[1:])
+        return _run(build_parser().parse_args(argv))
+    except UsageError as e:
+        return _fail(f"{e} (see paligemma --help)")
+    except PaliGemmaError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from .bench import main as bench_main
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.bench":
+            raise
+        return _fail("paligemma bench is not part of this version")
+    return bench_main(argv)
+
+
+def _settings(args, image: str | None) -> Settings:
+    max_tokens = args.max_tokens
+    if max_tokens is None:
+        max_tokens = DETAIL_MAX_TOKENS if getattr(args, "detail", False) else DEFAULT_MAX_TOKENS
+    lang = args.lang.strip()
+    if not lang or " " in lang:
+        raise SettingError(f"--lang must be a language code like en or fr, got {args.lang!r}")
+    return Settings(
+        model=args.model, backend=args.backend, dtype=args.dtype, image=image, lang=lang,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=max_tokens, seed=args.seed,
+    ).validate()
+
+
+def _run(args) -> int:
+    command = args.command
+    if command in ("convert", "bench"):  # only reached when options come before the name
+        raise UsageError(f"put `{command}` first: paligemma {command} ...")
+    free = args.free_image is not None or args.free_prompt is not None
+    if free and command not in (None, "chat"):
+        raise UsageError(f"-i/-p are for a free prompt; they do not go with `{command}`")
+    if command == "chat" or (command is None and not free):
+        if command is None and not sys.stdin.isatty():
+            raise UsageError("no command given; use one of describe, caption, ocr, answer, detect, chat, or -i IMAGE -p PROMPT")
+        settings = _settings(args, getattr(args, "image", None) or args.free_image)
+        return run_shell(lambda: _load(settings), settings)
+    if command is None:
+        if args.free_image is None or args.free_prompt is None:
+            raise UsageError("a free prompt needs both -i IMAGE and -p PROMPT")
+        image, prompt = args.free_image, args.free_prompt
+        if not prompt.strip():
+            raise SettingError("the prompt is empty")
+    else:
+        image = args.image
+        if command == "answer":
+            prompt = task_prompt("answer", " ".join(args.question), args.lang.strip())
+        elif command == "detect":
+            prompt = "detect " + detect_things(" ".join(args.things))
+        else:
+            prompt = task_prompt(command, lang=args.lang.strip())
+    return run_once(args, _settings(args, image), prompt, getattr(args, "save", None))
+
+
+def _load(settings: Settings):
+    from . import api
+
+    try:
+        return api.load(settings.model, backend=settings.backend, dtype=settings.dtype)
+    except ImportError as e:
+        # a backend whose framework is not installed here
+        raise SettingError(f"the {api.pick_backend(settings.backend)} backend cannot start: {e}") from None
+
+
+def _check_output(path: str) -> Path:
+    """Fail before the model runs, not after, when the picture could not be written."""
+    out = Path(os.path.expanduser(path))
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise OutputError(f"{out}: unknown image suffix {out.suffix!r}, use .jpg, .jpeg, .png or .webp")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: the folder {out.parent} does not exist")
+    return out
+
+
+def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
+    from .detection import draw_detections, format_detections, parse_detections
+    from .image import load_image, save_image_atomic
+
+    out_path = _check_output(save) if save else None
+    picture = load_image(settings.image)
+    model = _load(settings)
+    if model.is_demo:
+        print(DEMO_NOTE, file=sys.stderr)
+    kwargs = dict(
+        max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        top_k=settings.top_k, seed=settings.seed,
+    )
+    if args.json:
+        result = model.generate(picture, prompt, **kwargs)
+    else:
+        for piece in model.stream(picture, prompt, **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        result = model.last
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    detections = parse_detections(result.text, result.image_size) if is_detection_prompt(prompt) else []
+    saved = None
+    if out_path is not None:
+        saved = save_image_atomic(draw_detections(picture, detections), out_path)
+    if args.json:
+        print(json.dumps({
+            "model": settings.model,
+            "backend": result.stats.backend,
+            "demo": model.is_demo,
+            "prompt": prompt,
+            "image": settings.image,
+            "image_size": list(result.image_size),
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finished_by": result.finished_by,
+            "detections": [{"label": d.label, "box": [round(v, 1) for v in d.box]} for d in detections],
+            "saved": str(saved) if saved else None,
+            "stats": result.stats.to_dict(),
+        }, ensure_ascii=False))
+        return 0
+    if args.quiet:
+        return 0
+    if is_detection_prompt(prompt):
+        if detections:
+            print(format_detections(detections))
+        else:
+            print("(no boxes in the answer)", file=sys.stderr)
+    if saved:
+        print(f"saved {saved}", file=sys.stderr)
+    print(result.stats.line(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

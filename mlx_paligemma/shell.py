@@ -1,0 +1,381 @@
+"""The interactive shell of `paligemma chat`: one model, one current image, many prompts.
+
+It is a thin loop over the public API (`Model.stream`, `parse_detections`, `draw_detections`):
+it reads a line, changes a setting or runs a prompt about the current image, and prints the
+streamed answer and its stats line through `print_fn`, so a test can drive it with prompt_toolkit's
+pipe input and capture everything it says.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from .errors import PaliGemmaError, SettingError
+from .sampling import SamplingParams
+
+HISTORY_ENV = "MLX_PALIGEMMA_HISTORY"
+
+# command -> (argument, what it does); the order is the order /help lists them in
+COMMANDS = {
+    "/image": ("PATH", "use the picture at PATH for the next prompts"),
+    "/temperature": ("V", "sampling temperature, >= 0 (0 = greedy)"),
+    "/top_p": ("V", "nucleus sampling mass, in (0, 1]"),
+    "/top_k": ("N", "sample among the N most likely tokens (0 = no limit)"),
+    "/max_tokens": ("N", "most tokens an answer may have, >= 1"),
+    "/seed": ("N", "random seed of the sampler, >= 0"),
+    "/settings": ("", "show the current settings"),
+    "/save": ("PATH", "write the last detection picture (.jpg, .png or .webp)"),
+    "/help": ("", "this list"),
+    "/quit": ("", "leave (also `exit` or Ctrl-D)"),
+}
+TASKS = {
+    "describe": "a long description of the image",
+    "caption": "a short caption",
+    "ocr": "the text in the image",
+    "detect THING ; THING": "boxes around things",
+}
+EXIT_WORDS = ("exit", "quit", "/quit", "/exit")
+PATH_COMMANDS = ("/image", "/save")
+
+
+@dataclass
+class Settings:
+    """What the shell (and one CLI run) generates with. The image is a path; the shell loads it."""
+
+    model: str = "google/paligemma2-3b-mix-224"
+    backend: str = "auto"
+    dtype: str | None = None
+    image: str | None = None
+    lang: str = "en"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 128
+    seed: int = 0
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+
+    def validate(self) -> "Settings":
+        """The checks the API makes, done before a model is loaded; raises SettingError."""
+        self.sampling().validate()
+        check_max_tokens(self.max_tokens)
+        return self
+
+
+def check_max_tokens(n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise SettingError(f"max_tokens must be a whole number >= 1, got {n!r}")
+    return n
+
+
+def task_prompt(word: str, argument: str = "", lang: str = "en") -> str:
+    """A task word (and its argument) -> the prompt the mix checkpoints were trained on."""
+    if word in ("describe", "caption"):
+        return f"{word} {lang}"
+    if word == "ocr":
+        return "ocr"
+    if word == "answer":
+        return f"answer {lang} {argument.strip()}"
+    if word == "detect":
+        return "detect " + detect_things(argument)
+    raise ValueError(word)
+
+
+def detect_things(text: str) -> str:
+    """`car;person ; ` -> `car ; person`, the separator the model was trained on."""
+    things = [t.strip() for t in text.split(";") if t.strip()]
+    if not things:
+        raise SettingError("detect needs at least one thing to look for, like `detect car ; person`")
+    return " ; ".join(things)
+
+
+def is_detection_prompt(prompt: str) -> bool:
+    return prompt.startswith(("detect ", "segment "))
+
+
+def history_path() -> Path:
+    """$MLX_PALIGEMMA_HISTORY, else the XDG state folder (~/.local/state/mlx-paligemma/history)."""
+    override = os.environ.get(HISTORY_ENV)
+    if override:
+        return Path(os.path.expanduser(override))
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "mlx-paligemma" / "history"
+
+
+def _make_completer():
+    from prompt_toolkit.completion import Completer, PathCompleter, WordCompleter
+    from prompt_toolkit.document import Document
+
+    class ShellCompleter(Completer):
+        """Command words at the start of a line, file paths after /image and /save."""
+
+        def __init__(self):
+            words = list(COMMANDS) + ["describe", "caption", "ocr", "detect", "exit"]
+            self.words = WordCompleter(words, sentence=True)
+            self.paths = PathCompleter(expanduser=True)
+
+        def get_completions(self, document, complete_event):
+            text = document.text_before_cursor
+            head, sep, arg = text.lstrip().partition(" ")
+            if not sep:
+                yield from self.words.get_completions(document, complete_event)
+            elif head in PATH_COMMANDS:
+                arg = arg.lstrip()
+                # completions' start positions are relative to the cursor, the same in both documents
+                yield from self.paths.get_completions(Document(arg, len(arg)), complete_event)
+
+    return ShellCompleter()
+
+
+class Shell:
+    """The state of one session: settings, the loaded model, the current image, the last picture."""
+
+    def __init__(self, model_loader: Callable[[], object], settings: Settings, print_fn: Callable = None):
+        self.settings = replace(settings)
+        self.print = print_fn or _print
+        self._loader = model_loader
+        self.model = None
+        self.image = None  # the loaded RGB picture of settings.image
+        self.last_picture = None  # the last detect answer drawn on its image
+
+    def load(self) -> None:
+        """Load the model once and the start image; a failure here ends the session."""
+        self.model = self._loader()
+        if self.settings.image:
+            self.image = _load_image(self.settings.image)
+
+    def banner(self) -> None:
+        self.print("PaliGemma shell. Commands:")
+        self.help()
+        if getattr(self.model, "is_demo", False):
+            self.print(DEMO_NOTE)
+        self.show_settings()
+
+    def help(self) -> None:
+        for name, (arg, what) in COMMANDS.items():
+            self.print(f"  {(name + ' ' + arg).strip():<22} {what}")
+        for name, what in TASKS.items():
+            self.print(f"  {name:<22} {what}")
+        self.print("  anything else is sent as a prompt about the current image; Ctrl-C stops an answer")
+
+    def show_settings(self) -> None:
+        s = self.settings
+        backend = getattr(getattr(self.model, "backend", None), "name", s.backend)
+        self.print(f"  model        {s.model}")
+        self.print(f"  backend      {backend}")
+        self.print(f"  image        {s.image or '(none: set one with /image PATH)'}")
+        self.print(f"  temperature  {s.temperature:g}")
+        self.print(f"  top_p        {s.top_p:g}")
+        self.print(f"  top_k        {s.top_k}")
+        self.print(f"  max_tokens   {s.max_tokens}")
+        self.print(f"  seed         {s.seed}")
+
+    def prompt_text(self) -> str:
+        name = Path(self.settings.image).name if self.settings.image else "no image"
+        return f"[{name}]> "
+
+    def handle(self, line: str) -> bool:
+        """Run one line; False means the session ends."""
+        line = line.strip()
+        if not line:
+            return True
+        if line in EXIT_WORDS:
+            return False
+        word, _, arg = line.partition(" ")
+        arg = arg.strip()
+        try:
+            if word.startswith("/"):
+                self.command(word, arg)
+            elif line in ("describe", "caption", "ocr"):
+                self.ask(task_prompt(line, lang=self.settings.lang))
+            elif word == "detect":
+                self.ask(task_prompt("detect", arg))
+            else:
+                self.ask(line)
+        except PaliGemmaError as e:
+            self.print(f"error: {e}")
+        return True
+
+    def command(self, word: str, arg: str) -> None:
+        if word in SETTERS:
+            self.set(word[1:], arg)
+        elif word == "/image":
+            if not arg:
+                raise SettingError("/image needs a path, like /image cat.jpg")
+            path = os.path.expanduser(arg)
+            self.image = _load_image(path)  # raises ImageError; the old image stays
+            self.settings.image = path
+            w, h = self.image.size
+            self.print(f"image {path} ({w}x{h})")
+        elif word == "/settings":
+            self.show_settings()
+        elif word == "/save":
+            self.save(arg)
+        elif word == "/help":
+            self.help()
+        else:
+            self.print(f"unknown command {word}; /help lists the commands")
+
+    def set(self, name: str, arg: str) -> None:
+        old = getattr(self.settings, name)
+        try:
+            value = SETTERS["/" + name](arg)
+            candidate = replace(self.settings, **{name: value})
+            candidate.validate()
+            limit = getattr(self.model, "context_len", None)
+            if name == "max_tokens" and limit and value > limit:
+                raise SettingError(f"max_tokens must be at most the model's context, {limit}; got {value}")
+        except SettingError as e:
+            self.print(f"error: {e}; {name} stays {old}")
+            return
+        self.settings = candidate
+        self.print(f"{name} = {value}")
+
+    def save(self, arg: str) -> None:
+        from .image import save_image_atomic
+
+        if not arg:
+            raise SettingError("/save needs a path, like /save boxes.jpg")
+        if self.last_picture is None:
+            self.print("no detection picture yet: run `detect THING` first")
+            return
+        path = save_image_atomic(self.last_picture, os.path.expanduser(arg))
+        self.print(f"saved {path}")
+
+    def ask(self, prompt: str) -> None:
+        if self.image is None:
+            self.print("no image yet: choose one with /image PATH first")
+            return
+        s = self.settings
+        pieces = self.model.stream(
+            self.image, prompt, max_tokens=s.max_tokens, temperature=s.temperature,
+            top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+        )
+        try:
+            for piece in pieces:
+                self.print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            pieces.close()
+            self.print("\n(stopped)")
+            return
+        result = self.model.last
+        self.print()
+        if is_detection_prompt(prompt):
+            self.show_boxes(result)
+        self.print(result.stats.line())
+
+    def show_boxes(self, result) -> None:
+        from .detection import draw_detections, format_detections, parse_detections
+
+        detections = parse_detections(result.text, result.image_size)
+        if not detections:
+            self.print("(no boxes in the answer)")
+            return
+        self.print(format_detections(detections))
+        self.last_picture = draw_detections(self.image, detections)
+        self.print("(/save PATH writes the picture with these boxes)")
+
+
+def _number(arg: str) -> float:
+    try:
+        v = float(arg)
+    except ValueError:
+        raise SettingError(f"expected a number, got {arg!r}") from None
+    if not math.isfinite(v):
+        raise SettingError(f"expected a finite number, got {arg!r}")
+    return v
+
+
+def _whole(arg: str) -> int:
+    try:
+        return int(arg)
+    except ValueError:
+        raise SettingError(f"expected a whole number, got {arg!r}") from None
+
+
+SETTERS = {
+    "/temperature": _number,
+    "/top_p": _number,
+    "/top_k": _whole,
+    "/max_tokens": _whole,
+    "/seed": _whole,
+}
+
+DEMO_NOTE = (
+    "note: this is the demo checkpoint, a tiny model with random weights: its answers are random text"
+)
+
+
+def _load_image(path: str):
+    from .image import load_image
+
+    return load_image(path)
+
+
+def _print(*args, **kwargs) -> None:
+    kwargs.setdefault("flush", True)
+    builtins.print(*args, **kwargs)
+
+
+def _history():
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    path = history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    except OSError:
+        return InMemoryHistory(), f"note: cannot write the history file {path}; history is kept for this session only"
+    return FileHistory(str(path)), None
+
+
+def run_shell(
+    model_loader: Callable[[], object],
+    settings: Settings,
+    input=None,
+    output=None,
+    print_fn: Callable | None = None,
+) -> int:
+    """The interactive loop; returns the exit code (0, or 2 when the model or image cannot load).
+
+    input/output: prompt_toolkit Input and Output (a pipe input and DummyOutput in tests; the
+    terminal when None). print_fn receives everything the shell says, print-style.
+    """
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+
+    shell = Shell(model_loader, settings, print_fn)
+    try:
+        settings.validate()
+        shell.load()
+    except PaliGemmaError as e:
+        shell.print(f"error: {e}")
+        return 2
+    history, note = _history()
+    if note:
+        shell.print(note)
+    session = PromptSession(
+        history=history,
+        auto_suggest=AutoSuggestFromHistory(),
+        enable_history_search=True,
+        completer=_make_completer(),
+        input=input,
+        output=output,
+    )
+    shell.banner()
+    while True:
+        try:
+            line = session.prompt(shell.prompt_text())
+        except KeyboardInterrupt:
+            continue  # Ctrl-C at the prompt: a fresh prompt
+        except EOFError:
+            break  # Ctrl-D, or the end of piped input
+        if not shell.handle(line):
+            break
+    return 0
