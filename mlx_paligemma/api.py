@@ -25,6 +25,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 BACKENDS = ("auto", "mlx", "torch")
 DTYPES = ("float32", "bfloat16", "float16")
+MLX_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
 DEFAULT_MAX_TOKENS = 128
 FEATURE_CACHE_SIZE = 8
 
@@ -62,8 +63,13 @@ def load(
     chosen = pick_backend(backend)
     if dtype is not None and dtype not in DTYPES:
         raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if quantize is not None and quantize not in (4, 8):
+    if quantize is not None and (isinstance(quantize, bool) or quantize not in (4, 8)):
         raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
+    if chosen == "mlx" and device not in (None, "cpu", "gpu"):
+        raise SettingError(f"device for the mlx backend must be cpu or gpu, got {device!r}")
+    if chosen == "mlx" and quantize and (isinstance(group_size, bool) or group_size not in MLX_GROUP_SIZES):
+        # anything else makes mx.quantize fail, or (0) kill the process with SIGFPE
+        raise SettingError(f"group_size for the mlx backend must be one of 32, 64, 128, got {group_size!r}")
     if str(path_or_repo) == "demo":
         from .demo import demo_checkpoint
 
@@ -73,8 +79,6 @@ def load(
     if chosen == "mlx":
         from .mlx_backend.backend import MLXBackend
 
-        if device not in (None, "cpu", "gpu"):
-            raise SettingError(f"device for the mlx backend must be cpu or gpu, got {device!r}")
         engine: Backend = MLXBackend(checkpoint, dtype=dtype or "float32", device=device, quantize=quantize, group_size=group_size)
     else:
         from .torch_backend.backend import TorchBackend
@@ -119,6 +123,14 @@ class Model:
         while len(self._features) > FEATURE_CACHE_SIZE:
             self._features.popitem(last=False)
         return rows[0] if len(rows) == 1 else self.backend.stack_features(rows)
+
+    def check(
+        self, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
+        top_k: int = 0, seed: int = 0, min_tokens: int = 0,
+    ) -> None:
+        """Raise the SettingError or PromptError that `generate` would, without running the model."""
+        self._check(max_tokens, min_tokens, SamplingParams(temperature, top_p, top_k, seed))
+        self.prompt_ids(prompt)
 
     def _check(self, max_tokens, min_tokens, params: SamplingParams) -> None:
         params.validate()

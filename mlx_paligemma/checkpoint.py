@@ -21,7 +21,10 @@ from .errors import CheckpointError
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 WEIGHT_PATTERNS = ("*.safetensors", "*.json", "tokenizer.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ class PaliGemmaConfig:
             raise CheckpointError(f"{path}: expected a JSON object")
         try:
             return cls.from_dict(d)
-        except TypeError as e:
+        except (TypeError, ValueError, ArithmeticError) as e:
             raise CheckpointError(f"{path}: unexpected value in config ({e})") from None
 
 

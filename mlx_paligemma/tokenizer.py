@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PromptError
 
 LOC_COUNT = 1024
 SEG_COUNT = 128
@@ -42,6 +42,9 @@ class Tokenizer:
                 self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
             except Exception as e:
                 raise CheckpointError(f"{folder / 'tokenizer.json'}: cannot be read ({e})") from None
+            # special tokens typed as text stay text, as sentencepiece does: `<image>` in a prompt
+            # must not become a second image slot, nor `<eos>` an end of the prompt
+            self._hf.encode_special_tokens = True
             vocab = self._hf.get_vocab(with_added_tokens=True)
             # `<image>` is an added token after the real vocabulary; the real vocabulary ends before it
             self.vocab_size = vocab.get("<image>", len(vocab))
@@ -52,6 +55,10 @@ class Tokenizer:
         self._piece_cache: dict[int, str] = {}
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from undecodable bytes on a command line
+            raise PromptError(f"the text is not valid Unicode (character {e.start} is {text[e.start]!r})") from None
         if self._sp is not None:
             return self._sp.encode(text)
         return self._hf.encode(text, add_special_tokens=False).ids
@@ -68,8 +75,17 @@ class Tokenizer:
         return self._hf.id_to_token(int(token_id)) or ""
 
     def prompt_ids(self, prompt: str, num_image_tokens: int, image_token_id: int) -> list[int]:
-        """`<image>` x N, `<bos>`, prompt, `\\n` (transformers' PaliGemmaProcessor layout)."""
-        return [image_token_id] * num_image_tokens + [self.bos_id] + self.encode(prompt + "\n")
+        """`<image>` x N, `<bos>`, prompt, `\\n` (transformers' PaliGemmaProcessor layout).
+
+        The prompt is text: `<image>`, `<bos>`, `<eos>` and `<pad>` typed in it are encoded as
+        characters, never as those tokens (transformers would turn `<eos>` into the eos id, and
+        refuses a second `<image>`). `<loc0001>` and `<seg001>` stay single tokens, as in transformers.
+        """
+        text = self.encode(prompt + "\n")
+        controls = {image_token_id, self.bos_id, self.eos_id, self.pad_id}
+        if controls.intersection(text):  # pragma: no cover - a tokenizer whose model maps text to them
+            raise PromptError("the tokenizer turned prompt text into a control token (<image>, <bos>, <eos> or <pad>)")
+        return [image_token_id] * num_image_tokens + [self.bos_id] + text
 
 
 class StreamDecoder:
