@@ -80,7 +80,12 @@ def test_greedy_and_sampled_ids_equal_mlx(name, models):
 
 @pytest.mark.parametrize("name", ["pg2", "pg1"])
 def test_bfloat16_equals_transformers_bfloat16(name, checkpoints, oracles, models):
-    """Same ops in the same order: transformers with SDPA where we use it (SigLIP, Gemma 1) and eager for Gemma 2's softcap."""
+    """transformers with SDPA where we use it (SigLIP, Gemma 1) and eager for Gemma 2's softcap.
+
+    With torch's own bf16 matmuls the two agree exactly; on CPUs where our streaming kernels
+    replace them (they accumulate in another order) they differ by bf16 rounding: measured 0.6%
+    of the logits' range, against several times the range for a real error.
+    """
     from transformers import PaliGemmaForConditionalGeneration
 
     oracle = copy.copy(oracles(name))  # the float32 oracle's processor, with a bfloat16 model
@@ -94,7 +99,8 @@ def test_bfloat16_equals_transformers_bfloat16(name, checkpoints, oracles, model
     assert {p.dtype for p in model.backend.model.parameters()} == {torch.bfloat16}
     image = make_image(2)
     suffix = [5, 6, 7, 8, 9]
-    assert rel_diff(model.logits(image, "ocr", suffix=suffix), oracle.logits(image, "ocr", suffix)) <= 1e-3
+    tolerance = 2e-2 if model.backend.kernels else 1e-3
+    assert rel_diff(model.logits(image, "ocr", suffix=suffix), oracle.logits(image, "ocr", suffix)) <= tolerance
 
 
 def test_cache_is_preallocated_and_written_in_place():
@@ -157,6 +163,9 @@ def test_device_and_dtype_auto_selection(monkeypatch):
     monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: True)
     assert tb.pick_dtype(None, cpu) == "bfloat16"
     monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(tb.cpu_kernels, "available", lambda: True)  # AVX2 with our kernels: bf16 streams faster
+    assert tb.pick_dtype(None, cpu) == "bfloat16"
+    monkeypatch.setattr(tb.cpu_kernels, "available", lambda: False)
     assert tb.pick_dtype(None, cpu) == "float32"
     assert tb.pick_dtype(None, torch.device("mps")) == "float32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

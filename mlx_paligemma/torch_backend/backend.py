@@ -16,7 +16,8 @@ from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import CheckpointError, SettingError
 from .cache import make_cache
 from .paligemma import PaliGemma
-from .quantize import QuantizedEmbedding, QuantizedLinear, int8_per_channel, mlx_dequantize, mlx_unpack
+from . import cpu_kernels
+from .quantize import QuantizedEmbedding, QuantizedLinear, int8_per_channel, mlx_dequantize, mlx_unpack, use_int8_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,14 +68,14 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> str:
-    """None: bfloat16 where it is native (CUDA with bf16, CPUs with bf16 instructions), else float32.
+    """None: bfloat16 on CUDA with bf16, on CPUs with bf16 instructions and on x86 CPUs with our AVX2 kernels; else float32.
 
     float16 is never the default: Gemma 2's activations overflow it.
     """
     if dtype is None:
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        if device.type == "cpu" and cpu_has_fast_bf16():
+        if device.type == "cpu" and (cpu_has_fast_bf16() or cpu_kernels.available()):
             return "bfloat16"
         return "float32"
     if dtype not in DTYPES:
@@ -142,6 +143,11 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             self._load(checkpoint, bool(stored_q))
         self.model.eval()
+        self.kernels = self._device.type == "cpu" and not cpu_has_fast_bf16() and cpu_kernels.available()
+        if self.kernels:
+            # this CPU emulates bfloat16: stream bf16/int8 weights through our kernels instead
+            cpu_kernels.use_kernels(self.model)
+            use_int8_kernels(self.model)
 
     def _load(self, checkpoint: Checkpoint, stored_q: bool) -> None:
         expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}

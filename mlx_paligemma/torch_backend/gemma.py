@@ -46,16 +46,26 @@ class Embedding(nn.Embedding):
         return F.linear(x, self.weight)
 
 
+_tables: dict = {}
+
+
+def rope_tables(inv_freq: torch.Tensor, offset: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (L, hd) for positions offset .. offset + L; every layer of a step shares them."""
+    key = (float(inv_freq[-1]), inv_freq.numel(), offset, length, device, dtype)
+    if _tables.get("key") != key:
+        positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq.to(device)[None, :]  # (L, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        _tables.update(key=key, value=(angles.cos().to(dtype), angles.sin().to(dtype)))
+    return _tables["value"]
+
+
 def rope(x: torch.Tensor, inv_freq: torch.Tensor, offset: int) -> torch.Tensor:
     """transformers' RoPE (rotate_half): angles in float32, cos and sin cast to x's dtype.
 
     x is (B, n, L, hd) at positions offset .. offset + L.
     """
-    L = x.shape[2]
-    positions = torch.arange(offset, offset + L, device=x.device, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq.to(x.device)[None, :]  # (L, hd/2)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos, sin = rope_tables(inv_freq, offset, x.shape[2], x.device, x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SettingError
+from . import cpu_kernels
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 ROWS = 4096  # quantize this many output channels at a time: one float32 copy of a chunk, never of a whole matrix
@@ -108,6 +109,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self.bits == 8 and getattr(self, "scales_f32", None) is not None:
+            return cpu_kernels.linear(x, self.weight, self.scales_f32)
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
         elif flat.device.type == "cpu":
@@ -130,6 +133,8 @@ class QuantizedEmbedding(nn.Module):
         return self.weight[ids].to(self.scales.dtype) * self.scales[ids, None]
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "scales_f32", None) is not None:
+            return cpu_kernels.linear(x, self.weight, self.scales_f32)
         flat = x.reshape(-1, x.shape[-1])
         return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
 
@@ -150,3 +155,10 @@ def check_int4(name: str, N: int, K: int, group_size: int, device: torch.device)
             f"quantize=4: {name} is {N}x{K}; the int4 kernels need inputs a multiple of the group size "
             f"{group_size} and outputs a multiple of {rows}"
         )
+
+
+def use_int8_kernels(model: nn.Module) -> None:
+    """On CPUs with the streaming kernels, int8 layers multiply with them (float32 scales kept beside)."""
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and getattr(module, "bits", 8) == 8:
+            module.scales_f32 = module.scales.float().contiguous()

@@ -1,0 +1,50 @@
+"""The AVX2 streaming kernels of the torch backend against float64 products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlx_paligemma.torch_backend import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K", [64, 72, 2304 + 7])  # a tail that is not a multiple of the vector width
+def test_bf16_kernel_matches_float64(rows, K):
+    g = torch.Generator().manual_seed(rows * K)
+    w = torch.randn(300, K, generator=g).bfloat16()
+    x = torch.randn(rows, K, generator=g)
+    ref = x.double() @ w.double().T
+    y = cpu_kernels.gemv_bf16(x, w)
+    assert y.shape == (rows, 300)
+    assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4 * K**0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_int8_kernel_matches_float64(rows):
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(-127, 128, (257, 520), generator=g, dtype=torch.int8)
+    scale = torch.rand(257, generator=g) / 100
+    x = torch.randn(rows, 520, generator=g)
+    ref = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert torch.allclose(cpu_kernels.gemv_int8(x, q, scale).double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_many_rows_and_dtype():
+    """Prefill-sized inputs go through chunked float32 products; the output keeps x's dtype."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5000, 256, generator=g).bfloat16()
+    x = torch.randn(2, 40, 256, generator=g).bfloat16()
+    old = cpu_kernels.CHUNK_BYTES
+    cpu_kernels.CHUNK_BYTES = 256 * 4 * 1000  # force several chunks
+    try:
+        y = cpu_kernels.linear(x, w)
+    finally:
+        cpu_kernels.CHUNK_BYTES = old
+    ref = (x.double() @ w.double().T)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 40, 5000)
+    assert (y.double() - ref).abs().max() <= 0.01 * ref.abs().max()
+    few = cpu_kernels.linear(x[:, :1], w)  # 2 rows: the streaming kernel
+    assert torch.equal(few, y[:, :1]) or (few.double() - y[:, :1].double()).abs().max() <= 0.01 * ref.abs().max()
