@@ -17,6 +17,7 @@ import numpy as np
 
 from .backend import Backend
 from .checkpoint import open_checkpoint
+from .config import PaliGemmaConfig
 from .errors import PromptError, SettingError
 from .generate import Stats, generate_steps, left_pad
 from .processor import pixel_values
@@ -25,7 +26,6 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 BACKENDS = ("auto", "mlx", "torch")
 DTYPES = ("float32", "bfloat16", "float16")
-MLX_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
 DEFAULT_MAX_TOKENS = 128
 FEATURE_CACHE_SIZE = 8
 
@@ -67,19 +67,25 @@ def load(
         raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
     if chosen == "mlx" and device not in (None, "cpu", "gpu"):
         raise SettingError(f"device for the mlx backend must be cpu or gpu, got {device!r}")
-    if chosen == "mlx" and quantize and (isinstance(group_size, bool) or group_size not in MLX_GROUP_SIZES):
-        # anything else makes mx.quantize fail, or (0) kill the process with SIGFPE
+    if chosen == "mlx" and quantize and (isinstance(group_size, bool) or group_size not in PaliGemmaConfig.MLX_GROUP_SIZES):
         raise SettingError(f"group_size for the mlx backend must be one of 32, 64, 128, got {group_size!r}")
     if str(path_or_repo) == "demo":
         from .demo import demo_checkpoint
 
         path_or_repo = demo_checkpoint()
     checkpoint = open_checkpoint(path_or_repo)
+    if chosen == "mlx" and quantize:
+        # a size that does not divide the widths makes mx.quantize fail
+        checkpoint.config.check_group_size(group_size)
     tokenizer = Tokenizer(checkpoint.folder)
     if chosen == "mlx":
         from .mlx_backend.backend import MLXBackend
 
-        engine: Backend = MLXBackend(checkpoint, dtype=dtype or "float32", device=device, quantize=quantize, group_size=group_size)
+        # MLX computes in the dtype the weights are stored in unless told otherwise (fp16 stored: bf16,
+        # since Gemma 2's activations overflow fp16)
+        stored = checkpoint.stored_dtype
+        default = "float32" if stored == "float32" else "bfloat16"
+        engine: Backend = MLXBackend(checkpoint, dtype=dtype or default, device=device, quantize=quantize, group_size=group_size)
     else:
         from .torch_backend.backend import TorchBackend
 
@@ -93,7 +99,7 @@ class Model:
         self.tokenizer = tokenizer
         self.config = backend.config
         self.source = source
-        self.is_demo = bool(getattr(self.config, "demo", False)) or "demo-v" in source
+        self.is_demo = self.config.demo
         self.last: Generation | None = None
         self._features: OrderedDict[bytes, object] = OrderedDict()
         self.vocab_limit = min(tokenizer.vocab_size, self.config.text.vocab_size)

@@ -9,6 +9,7 @@ the config before a byte of weights is read.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import os
 import struct
@@ -284,6 +285,13 @@ class Checkpoint:
     folder: Path
     config: PaliGemmaConfig
     tensors: dict[str, TensorInfo]
+
+    @property
+    def stored_dtype(self) -> str:
+        """The float dtype most tensors are stored in (quantized ints aside): float32, bfloat16 or float16."""
+        names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+        counts = Counter(names[t.dtype] for t in self.tensors.values() if t.dtype in names)
+        return counts.most_common(1)[0][0] if counts else "float32"
 
     @property
     def files(self) -> list[Path]:

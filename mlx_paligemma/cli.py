@@ -202,12 +202,13 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
     out_path = _check_output(save) if save else None
     picture = load_image(settings.image)
     model = _load(settings)
-    if model.is_demo:
-        print(DEMO_NOTE, file=sys.stderr)
     kwargs = dict(
         max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
         top_k=settings.top_k, seed=settings.seed,
     )
+    model.check(prompt, **kwargs)  # a setting or prompt this model cannot take: one error line, nothing else
+    if model.is_demo:
+        print(DEMO_NOTE, file=sys.stderr)
     if args.json:
         result = model.generate(picture, prompt, **kwargs)
     else:

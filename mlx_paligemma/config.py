@@ -85,6 +85,21 @@ class PaliGemmaConfig:
     eos_token_id: int = 1
     bos_token_id: int = 2
     quantization: dict | None = None
+    demo: bool = False  # the built-in random-weight checkpoint (mlx_paligemma.demo)
+
+    MLX_GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
+
+    def check_group_size(self, group_size: int) -> None:
+        """Each quantized text matrix is cut into groups along its input width: the widths must divide."""
+        from .errors import SettingError
+
+        if isinstance(group_size, bool) or group_size not in self.MLX_GROUP_SIZES:
+            raise SettingError(f"group size must be one of 32, 64, 128, got {group_size!r}")
+        t = self.text
+        for what, width in (("hidden", t.hidden_size), ("intermediate", t.intermediate_size),
+                            ("attention", t.num_attention_heads * t.head_dim)):
+            if width % group_size:
+                raise SettingError(f"group size {group_size} does not divide the text model's {what} width {width}; try 32 or 64")
 
     @property
     def num_image_tokens(self) -> int:
@@ -144,6 +159,7 @@ class PaliGemmaConfig:
             eos_token_id=_first(td.get("eos_token_id", d.get("eos_token_id", 1))),
             bos_token_id=_first(td.get("bos_token_id", d.get("bos_token_id", 2))),
             quantization=d.get("quantization"),
+            demo=bool(d.get("demo", False)),
         )
 
     @classmethod

@@ -23,7 +23,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from .cli import Parser, UsageError
@@ -106,8 +105,8 @@ def convert(
             "convert from the unquantized checkpoint"
         )
     if quantize and not stored_q:
-        _check_group_size(checkpoint.config, group_size)
-    dtype = dtype or stored_dtype(checkpoint)
+        checkpoint.config.check_group_size(group_size)
+    dtype = dtype or checkpoint.stored_dtype
 
     start = time.perf_counter()
     how = f"{quantize}-bit, group size {group_size}" if quantize else dtype
@@ -124,8 +123,11 @@ def convert(
         if key in config:
             config[key] = dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write there ({_reason(e)})") from None
     try:
         write_weights(tmp, weights)
         del backend, weights  # free the first copy before the check loads a second
@@ -135,6 +137,9 @@ def convert(
         log("checked: the folder loads and gives the same logits as the converted model")
         _sync(tmp)
         _replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{out}: cannot write ({_reason(e)}); nothing was changed") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -142,26 +147,17 @@ def convert(
 
 
 def _check_target(out: Path, force: bool) -> None:
+    """Refuse, before any loading, an output that cannot be written or would be overwritten silently."""
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(f"{out}: cannot write there ({parent} is not a folder)")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise OutputError(f"{out}: cannot write there ({parent} is not writable)")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise OutputError(f"{out}: exists and is not a folder")
         if not force:
             raise OutputError(f"{out}: already exists; pass --force to replace it")
-
-
-def stored_dtype(checkpoint) -> str:
-    """The float dtype most of the checkpoint's tensors are stored in (quantized ints aside)."""
-    counts = Counter(STORED_DTYPES[t.dtype] for t in checkpoint.tensors.values() if t.dtype in STORED_DTYPES)
-    return counts.most_common(1)[0][0] if counts else "float32"
-
-
-def _check_group_size(config, group_size: int) -> None:
-    """Each quantized matrix is cut into groups along its input width: the widths must divide."""
-    t = config.text
-    for what, width in (("hidden", t.hidden_size), ("intermediate", t.intermediate_size),
-                        ("attention", t.num_attention_heads * t.head_dim)):
-        if width % group_size:
-            raise SettingError(f"group size {group_size} does not divide the text model's {what} width {width}; try 32 or 64")
 
 
 def _build(checkpoint, dtype: str, quantize: int | None, group_size: int):

@@ -154,6 +154,33 @@ def test_interruption_leaves_nothing_behind(source, tmp_path, monkeypatch, capsy
     assert (old / "keep.txt").read_text() == "mine"
 
 
+def test_unwritable_output_is_one_line_and_loads_nothing(source, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(convert, "_build", lambda *a, **k: pytest.fail("loaded the model for an output it cannot write"))
+    assert convert.main([str(source), str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not a folder" in err[0]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_full_disk_keeps_the_old_folder(source, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert, "write_weights", full)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    assert convert.main([str(source), str(old), "--force"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # after progress lines
+    assert len(err) == 1 and "No space left on device" in err[0] and "nothing was changed" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert (old / "keep.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
