@@ -8,7 +8,8 @@ import torch
 class KVCache:
     step = 256
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype | None = None):
+        self.dtype = dtype  # None: the dtype of the keys; the torch backend keeps float32 on CPUs without bf16
         self.keys = None
         self.values = None
         self.offset = 0
@@ -19,8 +20,8 @@ class KVCache:
         if self.keys is None or prev + T > self.keys.shape[2]:
             B, n_kv, _, hd = keys.shape
             capacity = (prev + T + self.step - 1) // self.step * self.step
-            new_k = keys.new_zeros((B, n_kv, capacity, hd))
-            new_v = values.new_zeros((B, n_kv, capacity, hd))
+            new_k = keys.new_zeros((B, n_kv, capacity, hd), dtype=self.dtype or keys.dtype)
+            new_v = values.new_zeros((B, n_kv, capacity, hd), dtype=self.dtype or values.dtype)
             if self.keys is not None:
                 new_k[:, :, :prev, :] = self.keys[:, :, :prev, :]
                 new_v[:, :, :prev, :] = self.values[:, :, :prev, :]
@@ -35,5 +36,5 @@ class KVCache:
         return self.keys, self.values
 
 
-def make_cache(num_layers: int) -> list[KVCache]:
-    return [KVCache() for _ in range(num_layers)]
+def make_cache(num_layers: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+    return [KVCache(dtype) for _ in range(num_layers)]

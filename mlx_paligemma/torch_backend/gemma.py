@@ -94,11 +94,12 @@ class Attention(nn.Module):
         k = rope(k, self.inv_freq, offset + 1)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+            q = q.to(k.dtype)  # attention runs in the cache's dtype (float32 on CPUs that emulate bf16)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:
             out = self._softcapped_attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1).to(x.dtype))
 
     def _softcapped_attention(self, q, k, v, mask):
         B, nh, L, hd = q.shape
