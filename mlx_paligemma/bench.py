@@ -32,10 +32,11 @@ ENGINE_KINDS = ("ours-torch", "ours-mlx", "transformers", "mlx-vlm")
 VARIANTS = ("float32", "bfloat16", "float16", "int8", "int4")
 
 
-def bench_image() -> np.ndarray:
+def bench_image(name: str = "astronaut.jpg") -> np.ndarray:
+    """An example photo (a smooth random picture when the examples are not at hand)."""
     from PIL import Image
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "images" / "astronaut.jpg"
+    path = Path(__file__).resolve().parent.parent / "examples" / "images" / name
     if path.exists():
         return np.asarray(Image.open(path).convert("RGB"))
     rng = np.random.default_rng(0)
@@ -75,7 +76,7 @@ def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int) 
     _sync(model.backend, feats)
     vision_s = time.perf_counter() - t0
     model._features.clear()  # the timed runs below start cold
-    if batch > 1:
+    if batch:  # batch mode (also for a batch of 1, so that its row reads like the others)
         images = [np.ascontiguousarray(np.roll(image, 7 * i, axis=1)) for i in range(batch)]
         t0 = time.perf_counter()
         outs = model.generate_batch(images, [PROMPT] * batch, max_tokens=tokens, min_tokens=tokens)
@@ -103,7 +104,8 @@ def _sync(backend, x) -> None:
         torch.cuda.synchronize()
 
 
-def _hf_processor(folder: Path, size: int):
+def hf_processor(folder: Path, size: int):
+    """transformers' PaliGemmaProcessor for a checkpoint folder (its PIL image processor, our tokenizer.model)."""
     from transformers import AutoTokenizer, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -121,7 +123,7 @@ def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
     model = PaliGemmaForConditionalGeneration.from_pretrained(
         folder, dtype=getattr(torch, variant), attn_implementation="eager").eval()
     load_s = time.perf_counter() - t0
-    processor = _hf_processor(folder, model.config.vision_config.image_size)
+    processor = hf_processor(folder, model.config.vision_config.image_size)
     inputs = processor(images=bench_image(), text="<image>" + PROMPT, return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     pad_rows = list(range(257152, model.config.text_config.vocab_size))
@@ -150,7 +152,7 @@ def worker_mlx_vlm(variant: str, folder: Path, tokens: int) -> dict:
     from .config import PaliGemmaConfig
 
     size = PaliGemmaConfig.from_file(folder / "config.json").image_size
-    _hf_processor(folder, size).save_pretrained(folder)  # mlx-vlm reads the processor files
+    hf_processor(folder, size).save_pretrained(folder)  # mlx-vlm reads the processor files
     t0 = time.perf_counter()
     model, processor = load(str(folder))
     if variant != "bfloat16":
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="bench_out/bench.json", help="where to write the results")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
-    ap.add_argument("--batch-size", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
     config = PaliGemmaConfig.from_file(folder / "config.json")
     bandwidth = memory_bandwidth_gbs()
     env = dict(os.environ)
-    sizes = [int(b) for b in args.batch.split(",")] if args.batch else [1]
+    sizes = [int(b) for b in args.batch.split(",")] if args.batch else [0]
     summary, raw = {}, {}
     for b in sizes:
         results: dict[str, list] = {e: [] for e in engines}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_paligemma.bench import bench_image, hf_processor
 from mlx_paligemma.fullsize import full_size_checkpoint
 
 PROMPT = "caption en"
@@ -25,28 +26,17 @@ TOKENS = 32
 
 
 def image() -> np.ndarray:
-    from PIL import Image
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "images" / "chelsea.jpg"
-    if path.exists():
-        return np.asarray(Image.open(path).convert("RGB"))
-    rng = np.random.default_rng(0)
-    return np.asarray(Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).resize((300, 200)))
+    return bench_image("chelsea.jpg")
 
 
 def oracle(folder: Path, out: Path) -> None:
     import torch
-    from transformers import AutoTokenizer, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import PaliGemmaForConditionalGeneration
 
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
     t0 = time.perf_counter()
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     load_s = time.perf_counter() - t0
-    size = model.config.vision_config.image_size
-    ip = SiglipImageProcessorPil(size={"height": size, "width": size})
-    ip.image_seq_length = (size // 14) ** 2
-    processor = PaliGemmaProcessor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder))
+    processor = hf_processor(folder, model.config.vision_config.image_size)
     inputs = processor(images=image(), text="<image>" + PROMPT, return_tensors="pt")
     with torch.inference_mode():
         t0 = time.perf_counter()

@@ -1,0 +1,44 @@
+"""The benchmark's bookkeeping (no timings are asserted: speed targets live in the benchmark)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlx_paligemma import bench
+from mlx_paligemma.config import PaliGemmaConfig
+from mlx_paligemma.demo import demo_checkpoint
+from mlx_paligemma.fullsize import full_config
+
+
+def test_engine_names():
+    assert bench.parse_engine("ours-torch-int8") == ("ours-torch", "int8")
+    assert bench.parse_engine("mlx-vlm-float32") == ("mlx-vlm", "float32")
+    for bad in ("ours-torch", "torch-bfloat16", "ours-mlx-int3"):
+        with pytest.raises(ValueError, match="unknown engine"):
+            bench.parse_engine(bad)
+
+
+def test_weights_read_per_token_match_the_issue_figures():
+    """The issue measured 5.23 GB a token in bf16 (1.19 GB of it the head) for 3B-224."""
+    config = PaliGemmaConfig.from_dict(full_config("3b-224"))
+    assert bench.decode_bytes_per_token(config, "bfloat16") == pytest.approx(5.23e9, rel=0.01)
+    head = config.text.vocab_size * config.text.hidden_size * 2
+    assert head == pytest.approx(1.19e9, rel=0.01)
+
+
+def test_summary_median_and_spread_skip_failed_runs():
+    runs = [{"ttft_s": 3.0, "device": "cpu"}, {"error": "boom"}, {"ttft_s": 1.0, "device": "cpu"}, {"ttft_s": 2.0, "device": "cpu"}]
+    s = bench.summarise(runs)
+    assert s["runs"] == 3 and s["ttft_s"] == {"median": 2.0, "min": 1.0, "max": 3.0} and s["device"] == "cpu"
+    assert bench.summarise([{"error": "boom"}]) == {"error": "boom", "runs": 0}
+    assert "2.00 (1.00-3.00)" in bench.table({"e": s}, batch_mode=False)
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_worker_reports_every_figure(batch):
+    result = bench.worker_ours("ours-mlx", "float32", demo_checkpoint(), tokens=4, batch=batch)
+    keys = {"load_s", "vision_s", "ttft_s", "peak_rss_bytes"}
+    keys |= {"aggregate_tokens_per_s", "batch"} if batch else {"decode_tokens_per_s", "ttft_repeat_s", "generated_tokens"}
+    assert keys <= set(result)
+    assert all(result[k] > 0 for k in keys - {"batch"})
+    assert result.get("generated_tokens", 4) == 4
