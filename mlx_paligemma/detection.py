@@ -79,9 +79,9 @@ def _clamp(v: float, limit: int) -> float:
 
 
 def format_detections(detections) -> str:
-    """One line per detection: `car: (12, 40) - (210, 180)`."""
+    """One line per detection: `car: (12, 40) - (210, 180)` (a box the model gave no label: `(no label)`)."""
     return "\n".join(
-        f"{d.label}: ({round(d.box[0])}, {round(d.box[1])}) - ({round(d.box[2])}, {round(d.box[3])})"
+        f"{d.label or '(no label)'}: ({round(d.box[0])}, {round(d.box[1])}) - ({round(d.box[2])}, {round(d.box[3])})"
         for d in detections
     )
 

@@ -73,6 +73,7 @@ def test_format_detections():
     dets = [Detection("car", (12.4, 39.6, 210.0, 180.2)), Detection("red sports car", (0.0, 0.0, 1.0, 2.0))]
     assert format_detections(dets) == "car: (12, 40) - (210, 180)\nred sports car: (0, 0) - (1, 2)"
     assert format_detections([]) == ""
+    assert format_detections([Detection("", (1.0, 2.0, 3.0, 4.0))]) == "(no label): (1, 2) - (3, 4)"
 
 
 WHITE = (255, 255, 255)
