@@ -70,14 +70,15 @@ class Attention(nn.Module):
 
     def _softcapped_attention(self, q, k, v, mask):
         B, nh, L, hd = q.shape
-        rep = self.n_heads // self.n_kv_heads
-        q = q.reshape(B, self.n_kv_heads, rep, L, hd)  # query heads grouped by the kv head they share
-        k, v = k[:, :, None], v[:, :, None]
-        scores = (q * self.scale) @ k.swapaxes(-1, -2)  # (B, nkv, rep, L, S)
+        rep, nkv = self.n_heads // self.n_kv_heads, self.n_kv_heads
+        S = k.shape[2]
+        # the query heads sharing a kv head become rows of one product: no copy of the keys per head
+        q = q.reshape(B, nkv, rep * L, hd)
+        scores = ((q * self.scale) @ k.swapaxes(-1, -2)).reshape(B, nkv, rep, L, S)
         scores = softcap(scores, mx.array(self.softcap, scores.dtype))
         if mask is not None:
             scores = mx.where(mask[:, :, None], scores, mx.finfo(scores.dtype).min)
-        weights = mx.softmax(scores, axis=-1, precise=True)
+        weights = mx.softmax(scores, axis=-1, precise=True).reshape(B, nkv, rep * L, S)
         return (weights @ v).reshape(B, nh, L, hd)
 
 

@@ -103,15 +103,16 @@ class Attention(nn.Module):
 
     def _softcapped_attention(self, q, k, v, mask):
         B, nh, L, hd = q.shape
-        rep = self.n_heads // self.n_kv_heads
-        q = q.reshape(B, self.n_kv_heads, rep, L, hd)  # query heads grouped by the kv head they share
-        k, v = k[:, :, None], v[:, :, None]
-        scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, nkv, rep, L, S)
+        rep, nkv = self.n_heads // self.n_kv_heads, self.n_kv_heads
+        S = k.shape[2]
+        # the query heads sharing a kv head become rows of one product: no copy of the keys per head
+        q = q.reshape(B, nkv, rep * L, hd)
+        scores = ((q @ k.transpose(-1, -2)) * self.scale).reshape(B, nkv, rep, L, S)
         # the softcap comes before the mask, as in transformers
         scores = softcap(scores, self.softcap)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).reshape(B, nkv, rep * L, S)
         return (weights @ v).reshape(B, nh, L, hd)
 
 
