@@ -46,18 +46,21 @@ class Embedding(nn.Embedding):
         return F.linear(x, self.weight)
 
 
-_tables: dict = {}
+_last_tables: list = [None]  # (key, (cos, sin)) of the last step, replaced whole so threads never mix halves
 
 
 def rope_tables(inv_freq: torch.Tensor, offset: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (L, hd) for positions offset .. offset + L; every layer of a step shares them."""
     key = (float(inv_freq[-1]), inv_freq.numel(), offset, length, device, dtype)
-    if _tables.get("key") != key:
-        positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq.to(device)[None, :]  # (L, hd/2)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        _tables.update(key=key, value=(angles.cos().to(dtype), angles.sin().to(dtype)))
-    return _tables["value"]
+    entry = _last_tables[0]
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq.to(device)[None, :]  # (L, hd/2)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    tables = (angles.cos().to(dtype), angles.sin().to(dtype))
+    _last_tables[0] = (key, tables)
+    return tables
 
 
 def rope(x: torch.Tensor, inv_freq: torch.Tensor, offset: int) -> torch.Tensor:
