@@ -286,3 +286,14 @@ def test_folder_quantized_by_the_mlx_converter_loads(bits, checkpoints, tmp_path
     image = make_image(6)
     # 4 bits: the linear layers convert exactly; the embedding (and 8 bits: every layer) is requantized per row
     assert rel_diff(ours.logits(image, "caption en"), theirs.logits(image, "caption en")) <= 0.03
+
+
+def test_int8_against_bfloat16(models):
+    """The documented accuracy of 8-bit weights (README): logits within 5% of the bf16 model's range,
+    and the first greedy tokens the same."""
+    bf16, int8 = models("torch", "pg2", dtype="bfloat16"), models("torch", "pg2", dtype="bfloat16", quantize=8)
+    image = make_image(12)
+    assert rel_diff(int8.logits(image, "caption en"), bf16.logits(image, "caption en")) <= 0.05
+    a = bf16.generate(image, "caption en", max_tokens=8, min_tokens=8).token_ids
+    b = int8.generate(image, "caption en", max_tokens=8, min_tokens=8).token_ids
+    assert a[:4] == b[:4]
