@@ -8,11 +8,22 @@ logits of the last position out), except image features, which stay on the devic
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .config import PaliGemmaConfig
+
+
+@dataclass
+class State:
+    """What a backend keeps between decode steps: its KV cache and the batch's layout."""
+
+    cache: list
+    offset: int  # positions already in the cache
+    pad: np.ndarray  # left padding of each row
+    prefix_len: int  # the bidirectional prefix ends here
 
 
 class Backend(ABC):
@@ -68,8 +79,9 @@ class Backend(ABC):
         """Row `index` of a batch of features, kept on the device."""
         return features[index : index + 1]
 
+    @abstractmethod
     def stack_features(self, rows: list) -> Any:
-        raise NotImplementedError
+        """Rows of features (each (1, N, D)) -> one batch (B, N, D) on the device."""
 
     def peak_memory(self) -> int:
         """Peak bytes in use since the last reset (device memory, or resident memory on CPU)."""

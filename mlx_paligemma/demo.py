@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 DEMO_VERSION = 2
-DEMO_NAME = "demo"
 
 _CORPUS = """\
 a photo of a cat sitting on a mat in the sun

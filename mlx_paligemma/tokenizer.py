@@ -51,8 +51,6 @@ class Tokenizer:
             self.bos_id, self.eos_id, self.pad_id = vocab.get("<bos>", 2), vocab.get("<eos>", 1), vocab.get("<pad>", 0)
         else:
             raise CheckpointError(f"{folder}: no tokenizer.model or tokenizer.json in the checkpoint folder")
-        self.newline_id = self.encode("\n")[-1] if self.encode("\n") else None
-        self._piece_cache: dict[int, str] = {}
 
     def encode(self, text: str) -> list[int]:
         try:

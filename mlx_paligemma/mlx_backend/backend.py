@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..backend import Backend, attention_masks
+from ..backend import Backend, State, attention_masks
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, SettingError
 from .cache import make_cache
@@ -30,14 +29,6 @@ def sanitize(name: str, w: mx.array, dtype) -> mx.array:
 def quantizable(path: str, module: nn.Module) -> bool:
     """Quantize the text decoder's linear layers and the tied embedding; keep SigLIP and the projector exact."""
     return path.startswith("text.") and isinstance(module, (nn.Linear, nn.Embedding))
-
-
-@dataclass
-class State:
-    cache: list
-    offset: int
-    pad: np.ndarray
-    prefix_len: int
 
 
 class MLXBackend(Backend):

@@ -30,10 +30,6 @@ class KVCache:
         self.offset = prev + T
         return self.keys[:, :, : self.offset, :], self.values[:, :, : self.offset, :]
 
-    @property
-    def state(self):
-        return self.keys, self.values
-
 
 def make_cache(num_layers: int) -> list[KVCache]:
     return [KVCache() for _ in range(num_layers)]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..backend import Backend, attention_masks
+from ..backend import Backend, State, attention_masks
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import CheckpointError, SettingError
 from .cache import make_cache
@@ -105,14 +105,6 @@ class Greedy:
     ids: torch.Tensor  # on the device, fed to the next decode step
     host: torch.Tensor  # the same ids on the host (being copied on CUDA)
     done: object  # CUDA event marking the copy, None elsewhere
-
-
-@dataclass
-class State:
-    cache: list
-    offset: int
-    pad: np.ndarray
-    prefix_len: int
 
 
 class TorchBackend(Backend):
