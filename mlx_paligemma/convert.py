@@ -164,7 +164,7 @@ def _build(checkpoint, dtype: str, quantize: int | None, group_size: int):
     from .mlx_backend.backend import MLXBackend
 
     try:
-        return MLXBackend(checkpoint, dtype=dtype, quantize=quantize, group_size=group_size)
+        return MLXBackend(checkpoint, dtype=dtype, quantize=quantize, group_size=group_size, cpu_layout=False)  # files keep the standard layout
     except ValueError as e:
         if isinstance(e, PaliGemmaError):
             raise

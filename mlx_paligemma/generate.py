@@ -87,8 +87,10 @@ def generate_steps(
         following = None
         if params.temperature == 0:
             handle = backend.greedy(logits, vocab_limit, banned)
-            if backend.pipelined and not last:
-                following = backend.decode(state, handle)  # queued before the host waits for the ids
+            if backend.pipelined and step > 0 and not last:
+                # queued before the host waits for the ids (not on the first step, whose id is the
+                # time to first token: building the first decode step may take the host a while)
+                following = backend.decode(state, handle)
             tokens = backend.host_ids(handle)
         else:
             host = backend.to_numpy(logits)

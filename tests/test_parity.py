@@ -135,6 +135,32 @@ def test_cached_decoding_equals_full_forward(backend, name, models, checkpoints)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["pg2_window", "pg1"])
+def test_cached_batch_decoding_across_cache_growth_equals_full_forward(backend, name, models, checkpoints, monkeypatch):
+    """Two left-padded rows decoded while the cache grows every 8 positions; each row against its own forward."""
+    model = models(backend, name)
+    be = model.backend
+    module = __import__(f"mlx_paligemma.{backend}_backend.cache", fromlist=["KVCache"])
+    monkeypatch.setattr(module.KVCache, "step", 8)
+    rows = [model.prompt_ids("caption en"), model.prompt_ids("answer en what colour is the sky today?")]
+    T = max(map(len, rows))
+    pad = np.array([T - len(r) for r in rows])
+    assert pad.max() > 0
+    ids = np.array([[0] * p + r for p, r in zip(pad, rows)])
+    pixels, _ = pixel_values([make_image(8), make_image(9)], IMAGE_SIZE)
+    feats = be.image_features(pixels)
+    steps = np.random.default_rng(1).integers(4, checkpoints[name].real_vocab, (20, 2))  # 20 > 2 growths of 8
+    state, first = be.prefill(ids, feats, pad, T)
+    cached = [be.to_numpy(first)]
+    for t in steps[:-1]:
+        cached.append(be.to_numpy(be.decode(state, t)))
+    cached = np.stack(cached, axis=1)  # (2, steps, vocab)
+    for b, row in enumerate(rows):
+        full = be.forward_logits(np.array([row + steps[:-1, b].tolist()]), be.slice_features(feats, b), len(row))
+        assert rel_diff(cached[b], full[len(row) - 1:]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_seeded_sampling_is_repeatable_and_stays_in_vocabulary(backend, models, checkpoints):
     model = models(backend, "pg2")
     image = make_image(9)

@@ -8,9 +8,10 @@ import mlx.nn as nn
 import numpy as np
 
 from ..backend import Backend, State, attention_masks
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import CheckpointError, SettingError
-from .cache import make_cache
+from .cache import KVCache, make_cache
+from .gemma import Embedding, Linear
 from .paligemma import PaliGemma
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -26,6 +27,31 @@ def sanitize(name: str, w: mx.array, dtype) -> mx.array:
     return w.astype(dtype)
 
 
+# how numpy reads a stored float tensor's bytes, and the mlx dtype those bytes are
+STORED = {"F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16)}
+
+
+def transposed_copy(info: TensorInfo, dtype, rows: int = 512) -> mx.array:
+    """A stored (out, in) tensor as a row-major (in, out) array of `dtype`.
+
+    Read from the file through a memory map, a block of rows at a time: numpy transposes each block
+    into one reused buffer (mlx's strided copy is several times slower on the CPU) and mlx casts it
+    into its columns of the result, so neither the stored tensor nor a cast copy is ever whole in memory.
+    """
+    np_dtype, stored = STORED[info.dtype]
+    n_out, n_in = info.shape
+    src = np.memmap(info.file, dtype=np_dtype, mode="r", offset=info.offset, shape=(n_out, n_in))
+    out = mx.zeros((n_in, n_out), dtype)
+    block = np.empty((n_in, rows), np_dtype)
+    for start in range(0, n_out, rows):
+        n = min(rows, n_out - start)
+        np.copyto(block[:, :n], src[start : start + n].T)
+        out[:, start : start + n] = mx.array(block[:, :n]).view(stored).astype(dtype)
+        mx.eval(out)  # in place: `out` holds the only reference to its buffer
+    del src
+    return out
+
+
 def quantizable(path: str, module: nn.Module) -> bool:
     """Quantize the text decoder's linear layers and the tied embedding; keep SigLIP and the projector exact."""
     return path.startswith("text.") and isinstance(module, (nn.Linear, nn.Embedding))
@@ -36,7 +62,8 @@ class MLXBackend(Backend):
     pipelined = True  # lazy graphs: the next step is queued before the host reads an id
 
     def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str | None = None,
-                 quantize: int | None = None, group_size: int = 64):
+                 quantize: int | None = None, group_size: int = 64, cpu_layout: bool | None = None):
+        """cpu_layout: store the text weights transposed (see gemma.Linear); None: when running on the CPU."""
         if dtype not in DTYPES:
             raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if device is not None:
@@ -47,6 +74,9 @@ class MLXBackend(Backend):
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self.model = PaliGemma(self.config)
         stored_q = self.config.quantization
+        # quantized weights keep their layout
+        cpu_layout = self.device == "cpu" if cpu_layout is None else cpu_layout
+        self._transposed = self._cpu_layout() if cpu_layout and not (stored_q or quantize) else set()
         if stored_q:
             # a folder written by convert --quantize: build quantized layers, then load into them
             nn.quantize(self.model, group_size=stored_q["group_size"], bits=stored_q["bits"], class_predicate=quantizable)
@@ -57,6 +87,16 @@ class MLXBackend(Backend):
             mx.eval(self.model.parameters())
             self.quantize = quantize
         self.model.eval()
+        self._decode_step = mx.compile(self._decode_graph)
+
+    def _cpu_layout(self) -> set[str]:
+        """Mark the text model's linears and embedding transposed; return their weights' names."""
+        names = set()
+        for path, module in self.model.named_modules():
+            if path.startswith("text.") and isinstance(module, (Linear, Embedding)):
+                module.transposed = True
+                names.add(f"{path}.weight")
+        return names
 
     def _load(self, checkpoint: Checkpoint) -> None:
         expected = dict(nn.utils.tree_flatten(self.model.parameters()))
@@ -68,12 +108,16 @@ class MLXBackend(Backend):
                 raise CheckpointError(f"{file.name}: cannot be read as safetensors ({e})") from None
             weights = []
             for info in (t for t in checkpoint.tensors.values() if t.file == file):
-                w = sanitize(info.name, arrays.pop(info.stored_name), self._dtype)
+                transpose = info.name in self._transposed
+                w = arrays.pop(info.stored_name)  # lazy: a tensor read through transposed_copy is never read here
+                w = w if transpose else sanitize(info.name, w, self._dtype)
                 target = expected.get(info.name)
                 if target is None:
                     raise CheckpointError(f"unexpected tensor {info.stored_name} in {file.name}")
                 if tuple(w.shape) != tuple(target.shape):
                     raise CheckpointError(f"tensor {info.stored_name} has shape {list(w.shape)}, expected {list(target.shape)}")
+                if transpose:
+                    w = transposed_copy(info, self._dtype)
                 weights.append((info.name, w))
                 loaded.add(info.name)
             del arrays
@@ -111,12 +155,32 @@ class MLXBackend(Backend):
 
     def decode(self, state: State, token_ids) -> mx.array:
         ids = token_ids if isinstance(token_ids, mx.array) else mx.array(np.asarray(token_ids))
-        h = self.model.embed(ids[:, None], None, None)
-        masks = self._masks(state.pad, state.offset, 1, state.offset + 1, state.prefix_len)
-        logits = self.model(h, masks, state.cache, state.offset, last_only=True)[:, -1, :]
+        cache = state.cache
+        for c in cache:
+            c.reserve(state.offset + 1)  # a new capacity retraces the step once
+        kv = [(c.keys, c.values) for c in cache]
+        logits, kv = self._decode_step(ids, mx.array(state.offset, mx.int32), mx.array(state.pad, mx.int32), kv)
+        for c, (k, v) in zip(cache, kv):
+            c.keys, c.values, c.offset = k, v, state.offset + 1
         state.offset += 1
         mx.async_eval(logits)  # the device starts now; the host syncs only on the ids it reads
         return logits
+
+    def _decode_graph(self, ids: mx.array, offset: mx.array, pad: mx.array, kv: list) -> tuple[mx.array, list]:
+        """One token per row at position `offset` through fixed-capacity caches (compiled as one graph).
+
+        The masks are the decode rows of `attention_masks`, built on the device: a query past the
+        prefix attends causally to the non-padding keys, within the window on sliding layers.
+        """
+        cache = [KVCache(k, v) for k, v in kv]
+        keys = mx.arange(kv[0][0].shape[2])
+        allowed = (keys[None] >= pad[:, None]) & (keys[None] <= offset)  # (B, capacity)
+        window = self.config.text.sliding_window
+        sliding = allowed if window is None else allowed & (offset - keys < window)[None]
+        masks = {"full": allowed[:, None, None], "sliding": sliding[:, None, None]}
+        h = self.model.embed(ids[:, None], None, None)
+        logits = self.model(h, masks, cache, offset, last_only=True)[:, -1, :]
+        return logits, [(c.keys, c.values) for c in cache]
 
     def greedy(self, logits: mx.array, vocab_limit: int, banned: int | None) -> mx.array:
         logits = logits[:, :vocab_limit]

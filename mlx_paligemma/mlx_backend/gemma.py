@@ -27,6 +27,38 @@ def gelu_gate(gate: mx.array, up: mx.array) -> mx.array:
     return nn.gelu_approx(gate) * up
 
 
+class Linear(nn.Linear):
+    """nn.Linear that may hold its weight transposed, (in, out), when `transposed` is set.
+
+    On the CPU mlx multiplies through BLAS sgemm, which reads a row-major (in, out) weight
+    1.4-1.9x faster than an (out, in) one when there is one row (a decode step); the backend
+    chooses that layout there and keeps the standard one on the GPU.
+    """
+
+    transposed = False
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.transposed:
+            return x @ self["weight"]
+        return super().__call__(x)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (tied to the output head) that may hold its table transposed, (dim, vocab)."""
+
+    transposed = False
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        if self.transposed:
+            return mx.moveaxis(mx.take(self.weight, ids, axis=1), 0, -1)
+        return super().__call__(ids)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self.transposed:
+            return x @ self.weight
+        return super().as_linear(x)
+
+
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: computed in float32, scaled by (1 + w)."""
 
@@ -47,12 +79,12 @@ class Attention(nn.Module):
         self.scale = config.attn_scale
         self.softcap = config.attn_logit_softcapping
         self.rope_theta = config.rope_theta
-        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
+        self.q_proj = Linear(dim, self.n_heads * hd, bias=False)
+        self.k_proj = Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.v_proj = Linear(dim, self.n_kv_heads * hd, bias=False)
+        self.o_proj = Linear(self.n_heads * hd, dim, bias=False)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache, offset: int) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None, cache, offset: int | mx.array) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, nh, L, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, hd)
@@ -61,7 +93,7 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset + 1)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset + 1)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(k, v, offset)
         if self.softcap is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
@@ -85,9 +117,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
@@ -121,7 +153,7 @@ class GemmaModel(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
