@@ -10,19 +10,20 @@ from mlx_paligemma.torch_backend import cpu_kernels
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+# every row count: groups of four rows and each remainder; 301 and 257 weight rows: tiles of three and the rest
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("K", [64, 72, 2304 + 7])  # a tail that is not a multiple of the vector width
 def test_bf16_kernel_matches_float64(rows, K):
     g = torch.Generator().manual_seed(rows * K)
-    w = torch.randn(300, K, generator=g).bfloat16()
+    w = torch.randn(301, K, generator=g).bfloat16()
     x = torch.randn(rows, K, generator=g)
     ref = x.double() @ w.double().T
     y = cpu_kernels.gemv_bf16(x, w)
-    assert y.shape == (rows, 300)
+    assert y.shape == (rows, 301)
     assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4 * K**0.5)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 8])
 def test_int8_kernel_matches_float64(rows):
     g = torch.Generator().manual_seed(rows)
     q = torch.randint(-127, 128, (257, 520), generator=g, dtype=torch.int8)

@@ -28,6 +28,8 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <algorithm>
+#include <cstring>
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -47,60 +49,88 @@ static inline __m256 widen_i8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
-// One output row n for M activation rows, accumulators kept in registers (M is a constant).
-// ACC independent accumulators per row hide the FMA latency when M is small.
-template <int M, typename T, __m256 (*widen)(const T*)>
-static inline void dot_rows(const T* row, const float* xp, int64_t K, float s, float* yp, int64_t N, int64_t n) {
-    constexpr int ACC = M == 1 ? 4 : (M <= 4 ? 2 : 1);
-    __m256 acc[M][ACC];
-    for (int m = 0; m < M; ++m)
-        for (int a = 0; a < ACC; ++a) acc[m][a] = _mm256_setzero_ps();
+static inline float tail_dot(const uint16_t* row, const float* x, int64_t k, int64_t K) {
+    float total = 0.f;
+    for (; k < K; ++k) { uint32_t bits = uint32_t(row[k]) << 16; float wv; std::memcpy(&wv, &bits, 4); total += wv * x[k]; }
+    return total;
+}
+
+static inline float tail_dot(const int8_t* row, const float* x, int64_t k, int64_t K) {
+    float total = 0.f;
+    for (; k < K; ++k) total += float(row[k]) * x[k];
+    return total;
+}
+
+// One activation row against one weight row: four accumulators hide the FMA latency, and the
+// loop is bound by the weights streaming from memory.
+template <typename T, __m256 (*widen)(const T*)>
+static inline float dot1(const T* row, const float* x, int64_t K) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t k = 0;
-    for (; k + 8 * ACC <= K; k += 8 * ACC) {
-        for (int a = 0; a < ACC; ++a) {
-            __m256 wv = widen(row + k + 8 * a);
-            for (int m = 0; m < M; ++m)
-                acc[m][a] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp + m * K + k + 8 * a), acc[m][a]);
+    for (; k + 32 <= K; k += 32)
+        for (int a = 0; a < 4; ++a)
+            acc[a] = _mm256_fmadd_ps(widen(row + k + 8 * a), _mm256_loadu_ps(x + k + 8 * a), acc[a]);
+    for (; k + 8 <= K; k += 8) acc[0] = _mm256_fmadd_ps(widen(row + k), _mm256_loadu_ps(x + k), acc[0]);
+    __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    return hsum(t) + tail_dot(row, x, k, K);
+}
+
+// A register tile: NR weight rows (from n) against MR activation rows (from m0), NR * MR
+// accumulators. Each widened weight vector serves MR rows and each activation load serves NR
+// weight rows, so a batch is bound by the multiplies rather than by loads.
+template <int MR, int NR, typename T, __m256 (*widen)(const T*)>
+static inline void tile(const T* w, const float* x, const float* scale, float* y, int64_t N, int64_t K, int64_t n, int64_t m0) {
+    __m256 acc[NR][MR];
+    for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < MR; ++j) acc[i][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[NR];
+        for (int i = 0; i < NR; ++i) wv[i] = widen(w + (n + i) * K + k);
+        for (int j = 0; j < MR; ++j) {
+            __m256 xv = _mm256_loadu_ps(x + (m0 + j) * K + k);
+            for (int i = 0; i < NR; ++i) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
         }
     }
-    for (int m = 0; m < M; ++m) {
-        __m256 t = acc[m][0];
-        for (int a = 1; a < ACC; ++a) t = _mm256_add_ps(t, acc[m][a]);
-        float total = hsum(t);
-        for (int64_t j = k; j < K; ++j) {
-            float wv;
-            if constexpr (sizeof(T) == 2) { uint32_t bits = uint32_t(row[j]) << 16; std::memcpy(&wv, &bits, 4); }
-            else { wv = float(row[j]); }
-            total += wv * xp[m * K + j];
+    for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < MR; ++j) {
+            float total = hsum(acc[i][j]) + tail_dot(w + (n + i) * K, x + (m0 + j) * K, k, K);
+            y[(m0 + j) * N + n + i] = total * (scale ? scale[n + i] : 1.0f);
         }
-        yp[m * N + n] = total * s;
+}
+
+// Every activation row (in groups of up to four) against weight rows n..n+NR: the weight rows are
+// read from memory once and stay in cache for the groups after the first.
+template <int NR, typename T, __m256 (*widen)(const T*)>
+static inline void all_rows(const T* w, const float* x, const float* scale, float* y, int64_t M, int64_t N, int64_t K, int64_t n) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) tile<4, NR, T, widen>(w, x, scale, y, N, K, n, m0);
+    switch (M - m0) {
+        case 3: tile<3, NR, T, widen>(w, x, scale, y, N, K, n, m0); break;
+        case 2: tile<2, NR, T, widen>(w, x, scale, y, N, K, n, m0); break;
+        case 1: tile<1, NR, T, widen>(w, x, scale, y, N, K, n, m0); break;
+        default: break;
     }
 }
 
-template <int M, typename T, __m256 (*widen)(const T*)>
-static void gemv_m(const float* xp, const T* w, const float* scale, float* yp, int64_t N, int64_t K) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; ++n)
-        dot_rows<M, T, widen>(w + n * K, xp, K, scale ? scale[n] : 1.0f, yp, N, n);
-}
-
-// x: (M, K) float32, w: (N, K) bf16 bits or int8, scale: (N,) float32 or null -> (M, N) float32
+// x: (M, K) float32, w: (N, K) bf16 bits or int8, scale: (N,) float32 or null -> (M, N) float32.
+// The threads share the weight rows out in tiles of NR (then the last few rows one at a time).
 template <typename T, __m256 (*widen)(const T*)>
 static torch::Tensor gemv(torch::Tensor x, const T* w, const float* scale, int64_t N, int64_t K) {
     const int64_t M = x.size(0);
     auto y = torch::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    switch (M) {
-        case 1: gemv_m<1, T, widen>(xp, w, scale, yp, N, K); break;
-        case 2: gemv_m<2, T, widen>(xp, w, scale, yp, N, K); break;
-        case 3: gemv_m<3, T, widen>(xp, w, scale, yp, N, K); break;
-        case 4: gemv_m<4, T, widen>(xp, w, scale, yp, N, K); break;
-        case 5: gemv_m<5, T, widen>(xp, w, scale, yp, N, K); break;
-        case 6: gemv_m<6, T, widen>(xp, w, scale, yp, N, K); break;
-        case 7: gemv_m<7, T, widen>(xp, w, scale, yp, N, K); break;
-        default: gemv_m<8, T, widen>(xp, w, scale, yp, N, K); break;
+    if (M == 1) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; ++n) yp[n] = dot1<T, widen>(w + n * K, xp, K) * (scale ? scale[n] : 1.0f);
+        return y;
     }
+    constexpr int64_t NR = 3;
+    const int64_t tiles = N / NR;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) all_rows<NR, T, widen>(w, xp, scale, yp, M, N, K, t * NR);
+    for (int64_t n = tiles * NR; n < N; ++n) all_rows<1, T, widen>(w, xp, scale, yp, M, N, K, n);
     return y;
 }
 
@@ -138,7 +168,7 @@ def _load():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v7", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v8", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
