@@ -194,3 +194,25 @@ def test_bf16_stored_checkpoint_loads_in_float32(tmp_path, oracles):
     for backend in BACKENDS:
         model = pg.load(fixture.folder, backend=backend, dtype="float32")
         assert rel_diff(model.logits(image, "ocr"), oracle.logits(image, "ocr")) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["pg2_window", "pg1"])
+def test_mlx_standard_weight_layout_matches_transformers_too(name, checkpoints, oracles):
+    """On the CPU the MLX text weights are held transposed; the GPU's standard layout gives the same results."""
+    from mlx_paligemma.api import Model
+    from mlx_paligemma.checkpoint import open_checkpoint
+    from mlx_paligemma.mlx_backend.backend import MLXBackend
+    from mlx_paligemma.tokenizer import Tokenizer
+
+    folder = checkpoints[name].folder
+    layouts = {}
+    for cpu_layout in (True, False):
+        backend = MLXBackend(open_checkpoint(folder), dtype="float32", cpu_layout=cpu_layout)
+        assert backend.model.text.embed_tokens.transposed is cpu_layout
+        layouts[cpu_layout] = Model(backend, Tokenizer(folder))
+    image = make_image(12)
+    ref = oracles(name).logits(image, "caption en")
+    for model in layouts.values():
+        assert rel_diff(model.logits(image, "caption en"), ref) <= 1e-4
+    runs = [m.generate(image, "caption en", max_tokens=12, min_tokens=12).token_ids for m in layouts.values()]
+    assert runs[0] == runs[1]
