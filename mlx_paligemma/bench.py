@@ -240,6 +240,13 @@ def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict) ->
     return {"error": tail[:300]}
 
 
+def add_ratio_to_single(batch: list[dict], single: list[dict]) -> None:
+    """Each batch run's aggregate tokens/s over the single stream's of the same round."""
+    for r, one in zip(batch, single):
+        if "error" not in r and "error" not in one and one.get("aggregate_tokens_per_s"):
+            r["ratio_to_single"] = r["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"]
+
+
 def summarise(results: list[dict]) -> dict:
     ok = [r for r in results if "error" not in r]
     if not ok:
@@ -264,10 +271,12 @@ def _fmt(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
 
 def table(summary: dict[str, dict], batch_mode: bool) -> str:
     if batch_mode:
-        head = "| engine | batch | aggregate tokens/s | time to first token s | peak RSS GB |\n|---|---|---|---|---|\n"
+        head = ("| engine | batch | aggregate tokens/s | x single stream, same round | time to first token s | peak RSS GB |\n"
+                "|---|---|---|---|---|---|\n")
         rows = [f"| {e} | {s.get('batch', {}).get('median', '-') if isinstance(s.get('batch'), dict) else '-'} | "
-                f"{_fmt(s, 'aggregate_tokens_per_s')} | {_fmt(s, 'ttft_s')} | {_fmt(s, 'peak_rss_bytes', 1e-9)} |"
-                if "error" not in s else f"| {e} | error: {s['error']} |||" for e, s in summary.items()]
+                f"{_fmt(s, 'aggregate_tokens_per_s')} | {_fmt(s, 'ratio_to_single')} | {_fmt(s, 'ttft_s')} | "
+                f"{_fmt(s, 'peak_rss_bytes', 1e-9)} |"
+                if "error" not in s else f"| {e} | error: {s['error']} ||||" for e, s in summary.items()]
         return head + "\n".join(rows)
     head = ("| engine | load s | vision s | first token s | first token, same image again s | decode tokens/s | peak RSS GB |\n"
             "|---|---|---|---|---|---|---|\n")
@@ -316,16 +325,19 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     sizes = [int(b) for b in args.batch.split(",")] if args.batch else [0]
     summary, raw = {}, {}
-    for b in sizes:
-        results: dict[str, list] = {e: [] for e in engines}
-        for run in range(args.runs):
-            order = engines if run % 2 == 0 else engines[::-1]  # alternate, so no engine always runs first
-            for e in order:
-                print(f"run {run + 1}/{args.runs}: {e}" + (f" batch {b}" if args.batch else ""), file=sys.stderr)
-                results[e].append(run_engine(e, folder, args.tokens, b, env))
-        for e in engines:
-            key = f"{e} x{b}" if args.batch else e
-            summary[key], raw[key] = summarise(results[e]), results[e]
+    # every (engine, batch size) pair once a round, the order reversed every other round: a batch and
+    # the single stream it is compared with run minutes apart, not a whole series apart
+    pairs = [(e, b) for b in sizes for e in engines]
+    results: dict[tuple, list] = {p: [] for p in pairs}
+    for run in range(args.runs):
+        for e, b in (pairs if run % 2 == 0 else pairs[::-1]):
+            print(f"run {run + 1}/{args.runs}: {e}" + (f" batch {b}" if args.batch else ""), file=sys.stderr)
+            results[e, b].append(run_engine(e, folder, args.tokens, b, env))
+    for e, b in pairs:
+        if 1 in sizes and b != 1:
+            add_ratio_to_single(results[e, b], results[e, 1])
+        key = f"{e} x{b}" if args.batch else e
+        summary[key], raw[key] = summarise(results[e, b]), results[e, b]
     ceilings = {e: bandwidth * 1e9 / decode_bytes_per_token(config, parse_engine(e)[1]) for e in engines}
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "config": args.config,

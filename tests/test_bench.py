@@ -42,3 +42,13 @@ def test_worker_reports_every_figure(batch):
     assert keys <= set(result)
     assert all(result[k] > 0 for k in keys - {"batch"})
     assert result.get("generated_tokens", 4) == 4
+
+
+def test_batch_ratio_pairs_each_run_with_the_single_stream_of_its_round():
+    single = [{"aggregate_tokens_per_s": 4.0}, {"aggregate_tokens_per_s": 2.0}, {"error": "boom"}]
+    batch = [{"aggregate_tokens_per_s": 16.0}, {"aggregate_tokens_per_s": 12.0}, {"aggregate_tokens_per_s": 9.0}]
+    bench.add_ratio_to_single(batch, single)
+    assert [r.get("ratio_to_single") for r in batch] == [4.0, 6.0, None]
+    s = bench.summarise(batch)
+    assert s["ratio_to_single"] == {"median": 5.0, "min": 4.0, "max": 6.0}
+    assert "5.00 (4.00-6.00)" in bench.table({"e x8": s}, batch_mode=True)
