@@ -49,3 +49,19 @@ def test_linear_many_rows_and_dtype():
     assert (y.double() - ref).abs().max() <= 0.01 * ref.abs().max()
     few = cpu_kernels.linear(x[:, :1], w)  # 2 rows: the streaming kernel
     assert torch.equal(few, y[:, :1]) or (few.double() - y[:, :1].double()).abs().max() <= 0.01 * ref.abs().max()
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (1, 8)])  # (kv heads, query heads per kv head): PaliGemma 2 and 1
+def test_attention_kernels_read_cache_views_like_matmul(heads):
+    """Scores and weighted values over (B, G, S, D) views of a longer cache buffer, against float64."""
+    G, R = heads
+    g = torch.Generator().manual_seed(G * R)
+    cache_k = torch.randn(3, G, 40, 32, generator=g)
+    cache_v = torch.randn(3, G, 40, 32, generator=g)
+    k, v = cache_k[:, :, :27], cache_v[:, :, :27]  # the filled part of the buffer: not contiguous
+    q = torch.randn(3, G, R, 32, generator=g)
+    scores = cpu_kernels.attention_scores(q, k)
+    assert torch.allclose(scores.double(), q.double() @ k.double().transpose(-1, -2), rtol=1e-5, atol=1e-5)
+    weights = torch.softmax(torch.randn(3, G, R, 27, generator=g), dim=-1)
+    out = cpu_kernels.attention_values(weights, v)
+    assert torch.allclose(out.double(), weights.double() @ v.double(), rtol=1e-5, atol=1e-6)

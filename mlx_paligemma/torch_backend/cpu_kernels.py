@@ -147,9 +147,79 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
     return gemv<int8_t, widen_i8>(x, w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(0), w.size(1));
 }
 
+// Decode attention over a float32 KV cache, the two products that read it. The keys and values
+// are (B, G, S, D) views of the cache (rows of D contiguous, any strides above); each (b, g) pair
+// is one task, and its R query rows (the heads that share kv head g) go through each cache row
+// while it is in cache, so the cache is read from memory once.
+
+// q: (B, G, R, D) float32 contiguous -> scores (B, G, R, S) = q . keys
+torch::Tensor attention_scores(torch::Tensor q, torch::Tensor keys) {
+    TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat && q.is_contiguous());
+    TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == torch::kFloat && keys.stride(3) == 1);
+    const int64_t B = q.size(0), G = q.size(1), R = q.size(2), D = q.size(3), S = keys.size(2);
+    TORCH_CHECK(keys.size(0) == B && keys.size(1) == G && keys.size(3) == D && D % 8 == 0);
+    auto y = torch::empty({B, G, R, S}, q.options());
+    const float* qp = q.data_ptr<float>();
+    const float* kp = keys.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t sb = keys.stride(0), sg = keys.stride(1), ss = keys.stride(2);
+    #pragma omp parallel for schedule(static)
+    for (int64_t bg = 0; bg < B * G; ++bg) {
+        const int64_t b = bg / G, g = bg % G;
+        const float* qs = qp + bg * R * D;
+        float* out = yp + bg * R * S;
+        for (int64_t s = 0; s < S; ++s) {
+            const float* krow = kp + b * sb + g * sg + s * ss;
+            for (int64_t r = 0; r < R; ++r) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                int64_t d = 0;
+                for (; d + 16 <= D; d += 16) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * D + d), _mm256_loadu_ps(krow + d), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * D + d + 8), _mm256_loadu_ps(krow + d + 8), a1);
+                }
+                for (; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qs + r * D + d), _mm256_loadu_ps(krow + d), a0);
+                out[r * S + s] = hsum(_mm256_add_ps(a0, a1));
+            }
+        }
+    }
+    return y;
+}
+
+// weights: (B, G, R, S) float32 contiguous -> (B, G, R, D) = weights @ values
+torch::Tensor attention_values(torch::Tensor weights, torch::Tensor values) {
+    TORCH_CHECK(weights.dim() == 4 && weights.scalar_type() == torch::kFloat && weights.is_contiguous());
+    TORCH_CHECK(values.dim() == 4 && values.scalar_type() == torch::kFloat && values.stride(3) == 1);
+    const int64_t B = weights.size(0), G = weights.size(1), R = weights.size(2), S = weights.size(3), D = values.size(3);
+    TORCH_CHECK(values.size(0) == B && values.size(1) == G && values.size(2) == S && D % 8 == 0 && D <= 512);
+    auto y = torch::empty({B, G, R, D}, weights.options());
+    const float* wp = weights.data_ptr<float>();
+    const float* vp = values.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t sb = values.stride(0), sg = values.stride(1), ss = values.stride(2);
+    #pragma omp parallel for schedule(static)
+    for (int64_t bg = 0; bg < B * G; ++bg) {
+        const int64_t b = bg / G, g = bg % G;
+        const float* ws = wp + bg * R * S;
+        float* out = yp + bg * R * D;
+        for (int64_t i = 0; i < R * D; ++i) out[i] = 0.f;
+        for (int64_t s = 0; s < S; ++s) {
+            const float* vrow = vp + b * sb + g * sg + s * ss;
+            for (int64_t r = 0; r < R; ++r) {
+                const __m256 p = _mm256_set1_ps(ws[r * S + s]);
+                float* o = out + r * D;
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vrow + d), _mm256_loadu_ps(o + d)));
+            }
+        }
+    }
+    return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gemv_bf16", &gemv_bf16);
     m.def("gemv_int8", &gemv_int8);
+    m.def("attention_scores", &attention_scores);
+    m.def("attention_values", &attention_values);
 }
 """
 
@@ -168,7 +238,7 @@ def _load():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v8", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v9", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -195,6 +265,16 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(M <= MAX_ROWS, K) float32 @ (N, K) int8 weights * scale[n] -> (M, N) float32."""
     return _load().gemv_int8(x, w, scale)
+
+
+def attention_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(B, G, R, D) float32 queries . (B, G, S, D) float32 keys (a view of the cache) -> (B, G, R, S)."""
+    return _load().attention_scores(q.contiguous(), keys)
+
+
+def attention_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, G, R, S) float32 weights @ (B, G, S, D) float32 values (a view of the cache) -> (B, G, R, D)."""
+    return _load().attention_values(weights.contiguous(), values)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,6 +319,9 @@ def use_kernels(model: nn.Module) -> None:
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, KernelLinear(module.weight.data, module.bias))
+    for module in model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = True  # the attention products that read the cache
     embed = model.text.embed_tokens
     if isinstance(embed, nn.Embedding) and embed.weight.dtype == torch.bfloat16:
         embed.as_linear = lambda h, w=embed.weight: linear(h, w)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TextConfig
+from . import cpu_kernels
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -80,6 +81,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         self.scale = config.attn_scale
         self.softcap = config.attn_logit_softcapping
+        self.kernels = False  # set by cpu_kernels.use_kernels
         # computed on the CPU in float32 as transformers does (not a buffer: the model is built on "meta")
         self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device="cpu") / hd))
         self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=False)
@@ -110,13 +112,17 @@ class Attention(nn.Module):
         S = k.shape[2]
         # the query heads sharing a kv head become rows of one product: no copy of the keys per head
         q = q.reshape(B, nkv, rep * L, hd)
-        scores = ((q @ k.transpose(-1, -2)) * self.scale).reshape(B, nkv, rep, L, S)
+        # decoding on a CPU with our kernels: the two products that read the float32 cache are theirs
+        fused = self.kernels and rep * L <= 8 and q.dtype == torch.float32 and k.dtype == torch.float32 and hd % 8 == 0
+        scores = cpu_kernels.attention_scores(q, k) if fused else q @ k.transpose(-1, -2)
+        scores = (scores * self.scale).reshape(B, nkv, rep, L, S)
         # the softcap comes before the mask, as in transformers
         scores = softcap(scores, self.softcap)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).reshape(B, nkv, rep * L, S)
-        return (weights @ v).reshape(B, nh, L, hd)
+        out = cpu_kernels.attention_values(weights, v) if fused else weights @ v
+        return out.reshape(B, nh, L, hd)
 
 
 class MLP(nn.Module):
