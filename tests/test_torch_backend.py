@@ -107,13 +107,13 @@ def test_cache_is_preallocated_and_written_in_place():
     cache = KVCache()
     cache.step = 4
     chunks = [torch.randn(2, 1, n, 8) for n in (3, 1, 1, 6)]
-    k, _ = cache.update_and_fetch(chunks[0], chunks[0] + 1)
+    k, _ = cache.update_and_fetch(chunks[0], chunks[0] + 1, 0)
     assert cache.keys.shape == (2, 1, 4, 8) and k.shape[2] == 3
     buffer = cache.keys.data_ptr()
-    k, v = cache.update_and_fetch(chunks[1], chunks[1] + 1)
+    k, v = cache.update_and_fetch(chunks[1], chunks[1] + 1, 3)
     assert cache.keys.data_ptr() == buffer and k.data_ptr() == buffer  # a view of the buffer, no copy
     for c in chunks[2:]:
-        k, v = cache.update_and_fetch(c, c + 1)
+        k, v = cache.update_and_fetch(c, c + 1, cache.offset)
     assert cache.keys.shape[2] == 12 and cache.offset == 11
     assert torch.equal(k, torch.cat(chunks, dim=2)) and torch.equal(v, torch.cat(chunks, dim=2) + 1)
 

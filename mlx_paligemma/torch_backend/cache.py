@@ -1,4 +1,8 @@
-"""Per-layer KV cache: preallocated buffers grown in steps, filled in place."""
+"""Per-layer KV cache: preallocated buffers grown in steps, filled in place.
+
+The same cache as the MLX backend's, less its compiled decode path: torch steps run eagerly, so a
+step writes at its position and attends over the positions filled so far.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +18,34 @@ class KVCache:
         self.values = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, n_kv, T, hd) keys and values; return everything cached so far."""
-        prev, T = self.offset, keys.shape[2]
-        if self.keys is None or prev + T > self.keys.shape[2]:
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reserve(self, size: int) -> None:
+        """Grow the buffers (B, n_kv, capacity, hd) to hold at least `size` positions."""
+        if size <= self.capacity:
+            return
+        B, n_kv, _, hd = self.keys.shape
+        capacity = (size + self.step - 1) // self.step * self.step
+        new_k = self.keys.new_zeros((B, n_kv, capacity, hd))
+        new_v = self.values.new_zeros((B, n_kv, capacity, hd))
+        new_k[:, :, : self.offset, :] = self.keys[:, :, : self.offset, :]
+        new_v[:, :, : self.offset, :] = self.values[:, :, : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, keys: torch.Tensor, values: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, n_kv, T, hd) keys and values at `offset`; return the positions filled so far."""
+        T = keys.shape[2]
+        if self.keys is None:
             B, n_kv, _, hd = keys.shape
-            capacity = (prev + T + self.step - 1) // self.step * self.step
-            new_k = keys.new_zeros((B, n_kv, capacity, hd), dtype=self.dtype or keys.dtype)
-            new_v = values.new_zeros((B, n_kv, capacity, hd), dtype=self.dtype or values.dtype)
-            if self.keys is not None:
-                new_k[:, :, :prev, :] = self.keys[:, :, :prev, :]
-                new_v[:, :, :prev, :] = self.values[:, :, :prev, :]
-            self.keys, self.values = new_k, new_v
-        self.keys[:, :, prev : prev + T, :] = keys
-        self.values[:, :, prev : prev + T, :] = values
-        self.offset = prev + T
+            capacity = (offset + T + self.step - 1) // self.step * self.step
+            self.keys = keys.new_zeros((B, n_kv, capacity, hd), dtype=self.dtype or keys.dtype)
+            self.values = values.new_zeros((B, n_kv, capacity, hd), dtype=self.dtype or values.dtype)
+        self.reserve(offset + T)
+        self.keys[:, :, offset : offset + T, :] = keys
+        self.values[:, :, offset : offset + T, :] = values
+        self.offset = offset + T
         return self.keys[:, :, : self.offset, :], self.values[:, :, : self.offset, :]
 
 

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         q = rope(q, self.inv_freq, offset + 1)
         k = rope(k, self.inv_freq, offset + 1)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(k, v, offset)
             q = q.to(k.dtype)  # attention runs in the cache's dtype (float32 on CPUs that emulate bf16)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
