@@ -7,6 +7,8 @@ forward, 32 greedy ids, and a batch of two against each pair alone.
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -140,8 +142,7 @@ def test_cached_batch_decoding_across_cache_growth_equals_full_forward(backend, 
     """Two left-padded rows decoded while the cache grows every 8 positions; each row against its own forward."""
     model = models(backend, name)
     be = model.backend
-    module = __import__(f"mlx_paligemma.{backend}_backend.cache", fromlist=["KVCache"])
-    monkeypatch.setattr(module.KVCache, "step", 8)
+    monkeypatch.setattr(importlib.import_module(f"mlx_paligemma.{backend}_backend.cache").KVCache, "step", 8)
     rows = [model.prompt_ids("caption en"), model.prompt_ids("answer en what colour is the sky today?")]
     T = max(map(len, rows))
     pad = np.array([T - len(r) for r in rows])

@@ -38,9 +38,10 @@ class Linear(nn.Linear):
     transposed = False
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.transposed:
-            return x @ self["weight"]
-        return super().__call__(x)
+        if not self.transposed:
+            return super().__call__(x)
+        y = x @ self["weight"]
+        return y + self["bias"] if "bias" in self else y
 
 
 class Embedding(nn.Embedding):

@@ -190,7 +190,7 @@ torch::Tensor attention_values(torch::Tensor weights, torch::Tensor values) {
     TORCH_CHECK(weights.dim() == 4 && weights.scalar_type() == torch::kFloat && weights.is_contiguous());
     TORCH_CHECK(values.dim() == 4 && values.scalar_type() == torch::kFloat && values.stride(3) == 1);
     const int64_t B = weights.size(0), G = weights.size(1), R = weights.size(2), S = weights.size(3), D = values.size(3);
-    TORCH_CHECK(values.size(0) == B && values.size(1) == G && values.size(2) == S && D % 8 == 0 && D <= 512);
+    TORCH_CHECK(values.size(0) == B && values.size(1) == G && values.size(2) == S && D % 8 == 0);
     auto y = torch::empty({B, G, R, D}, weights.options());
     const float* wp = weights.data_ptr<float>();
     const float* vp = values.data_ptr<float>();
@@ -319,8 +319,10 @@ def use_kernels(model: nn.Module) -> None:
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, KernelLinear(module.weight.data, module.bias))
+    from .gemma import Attention  # here: gemma imports this module
+
     for module in model.modules():
-        if hasattr(module, "kernels"):
+        if isinstance(module, Attention):
             module.kernels = True  # the attention products that read the cache
     embed = model.text.embed_tokens
     if isinstance(embed, nn.Embedding) and embed.weight.dtype == torch.bfloat16:
