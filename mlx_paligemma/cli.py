@@ -23,7 +23,8 @@ from pathlib import Path
 from .api import BACKENDS, DEFAULT_MAX_TOKENS, DTYPES
 from .checkpoint import DEFAULT_MODEL
 from .errors import OutputError, PaliGemmaError, SettingError
-from .shell import DEMO_NOTE, Settings, detect_things, is_detection_prompt, run_shell, task_prompt
+from .prompts import detect_things, is_detection_prompt, task_prompt
+from .shell import DEMO_NOTE, Settings, run_shell
 
 DETAIL_MAX_TOKENS = 512
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # what save_image_atomic writes

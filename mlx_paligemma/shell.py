@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import PaliGemmaError, SettingError
+from .prompts import is_detection_prompt, task_prompt
 from .sampling import SamplingParams
 
 HISTORY_ENV = "MLX_PALIGEMMA_HISTORY"
@@ -72,31 +73,6 @@ def check_max_tokens(n) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise SettingError(f"max_tokens must be a whole number >= 1, got {n!r}")
     return n
-
-
-def task_prompt(word: str, argument: str = "", lang: str = "en") -> str:
-    """A task word (and its argument) -> the prompt the mix checkpoints were trained on."""
-    if word in ("describe", "caption"):
-        return f"{word} {lang}"
-    if word == "ocr":
-        return "ocr"
-    if word == "answer":
-        return f"answer {lang} {argument.strip()}"
-    if word == "detect":
-        return "detect " + detect_things(argument)
-    raise ValueError(word)
-
-
-def detect_things(text: str) -> str:
-    """`car;person ; ` -> `car ; person`, the separator the model was trained on."""
-    things = [t.strip() for t in text.split(";") if t.strip()]
-    if not things:
-        raise SettingError("detect needs at least one thing to look for, like `detect car ; person`")
-    return " ; ".join(things)
-
-
-def is_detection_prompt(prompt: str) -> bool:
-    return prompt.startswith(("detect ", "segment "))
 
 
 def history_path() -> Path:
