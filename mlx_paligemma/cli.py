@@ -25,19 +25,11 @@ from .checkpoint import DEFAULT_MODEL
 from .errors import OutputError, PaliGemmaError, SettingError
 from .prompts import detect_things, is_detection_prompt, task_prompt
 from .shell import DEMO_NOTE, Settings, run_shell
+from .usage import Parser, UsageError
 
 DETAIL_MAX_TOKENS = 512
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # what save_image_atomic writes
 TASKS = ("describe", "caption", "ocr", "answer", "detect")
-
-
-class UsageError(Exception):
-    """A command line argparse rejects; reported as one line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the whole usage and exit; we want one line
-        raise UsageError(message)
 
 
 def _shared(p: argparse.ArgumentParser, top: bool) -> None:
@@ -126,9 +118,9 @@ def _fail(message: str) -> int:
 
 def _bench(argv: list[str]) -> int:
     try:
-        from .bench import main as bench_main
+        from .dev.bench import main as bench_main
     except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.bench":
+        if e.name not in (f"{__package__}.dev", f"{__package__}.dev.bench"):
             raise
         return _fail("paligemma bench is not part of this version")
     return bench_main(argv)

@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli import Parser, UsageError
 from .errors import CheckpointError, OutputError, PaliGemmaError, SettingError
+from .usage import Parser, UsageError
 
 SHARD_BYTES = 2_000_000_000  # at most ~2 GB per safetensors file
 COPIED_FILES = (

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_paligemma.bench import bench_image, hf_processor
-from mlx_paligemma.fullsize import full_size_checkpoint
+from mlx_paligemma.config import PaliGemmaConfig
+from mlx_paligemma.dev.bench import bench_image, hf_processor, never_generated
+from mlx_paligemma.dev.fullsize import full_size_checkpoint
 
 PROMPT = "caption en"
 TOKENS = 32
@@ -36,16 +37,16 @@ def oracle(folder: Path, out: Path) -> None:
     t0 = time.perf_counter()
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     load_s = time.perf_counter() - t0
-    processor = hf_processor(folder, model.config.vision_config.image_size)
+    config = PaliGemmaConfig.from_file(folder / "config.json")
+    processor = hf_processor(folder, config)
     inputs = processor(images=image(), text="<image>" + PROMPT, return_tensors="pt")
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model(**inputs).logits[0].float().numpy()
         fwd_s = time.perf_counter() - t0
-        pad_rows = list(range(257152, model.config.text_config.vocab_size))
         t0 = time.perf_counter()
         ids = model.generate(**inputs, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False,
-                             suppress_tokens=pad_rows)[0, inputs["input_ids"].shape[1]:].tolist()
+                             suppress_tokens=never_generated(config))[0, inputs["input_ids"].shape[1]:].tolist()
         gen_s = time.perf_counter() - t0
     np.savez(out, logits=logits, ids=np.array(ids), input_ids=inputs["input_ids"][0].numpy(),
              pixels=inputs["pixel_values"][0].numpy())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_paligemma import bench
+from mlx_paligemma.dev import bench
 from mlx_paligemma.config import PaliGemmaConfig
 from mlx_paligemma.demo import demo_checkpoint
-from mlx_paligemma.fullsize import full_config
+from mlx_paligemma.dev.fullsize import full_config
 
 
 def test_engine_names():
@@ -52,3 +52,11 @@ def test_batch_ratio_pairs_each_run_with_the_single_stream_of_its_round():
     s = bench.summarise(batch)
     assert s["ratio_to_single"] == {"median": 5.0, "min": 4.0, "max": 6.0}
     assert "5.00 (4.00-6.00)" in bench.table({"e x8": s}, batch_mode=True)
+
+
+def test_paligemma_bench_dispatches_to_the_dev_tool(capsys):
+    from mlx_paligemma.cli import main
+
+    assert main(["bench", "--engines", "ours-torch-int3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown engine 'ours-torch-int3'") and err.count("\n") == 1

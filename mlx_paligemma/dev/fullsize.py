@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo import build_tokenizer, cache_root, hub_name
+from ..demo import build_tokenizer, cache_root, hub_name
 
 # the real shapes (config.json of google/paligemma2-*-pt-* and google/paligemma-3b-pt-*)
 TEXT_SHAPES = {
@@ -78,8 +78,8 @@ def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) 
 
 def write_random_checkpoint(folder: Path, config: dict, seed: int = 0, progress=None) -> Path:
     """Tokenizer, config and bf16 safetensors shards (hub layout, with an index) in `folder`."""
-    from .checkpoint import expected_shapes
-    from .config import PaliGemmaConfig
+    from ..checkpoint import expected_shapes
+    from ..config import PaliGemmaConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer(folder / "tokenizer.model", text_pieces=256000)

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend import peak_rss_bytes
+from ..config import PaliGemmaConfig
+
 PROMPT = "caption en"
 DEFAULT_ENGINES = "ours-torch-bfloat16,ours-torch-int8,transformers-bfloat16"
 ENGINE_KINDS = ("ours-torch", "ours-mlx", "transformers", "mlx-vlm")
@@ -36,7 +39,7 @@ def bench_image(name: str = "astronaut.jpg") -> np.ndarray:
     """An example photo (a smooth random picture when the examples are not at hand)."""
     from PIL import Image
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "images" / name
+    path = Path(__file__).resolve().parents[2] / "examples" / "images" / name
     if path.exists():
         return np.asarray(Image.open(path).convert("RGB"))
     rng = np.random.default_rng(0)
@@ -48,13 +51,6 @@ def parse_engine(name: str) -> tuple[str, str]:
     if kind not in ENGINE_KINDS or variant not in VARIANTS:
         raise ValueError(f"unknown engine {name!r}: use KIND-VARIANT with KIND in {ENGINE_KINDS} and VARIANT in {VARIANTS}")
     return kind, variant
-
-
-def peak_rss() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 # --- workers: one engine, one process, one JSON line on stdout -------------------------------
@@ -84,13 +80,13 @@ def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int) 
         s = outs[0].stats
         return {"load_s": load_s, "vision_s": vision_s, "batch": batch, "ttft_s": s.ttft_s,
                 "aggregate_tokens_per_s": batch * (tokens - 1) / (s.total_s - s.ttft_s),
-                "total_s": total, "peak_rss_bytes": peak_rss()}
+                "total_s": total, "peak_rss_bytes": peak_rss_bytes()}
     out = model.generate(image, PROMPT, max_tokens=tokens, min_tokens=tokens)
     again = model.generate(image, PROMPT, max_tokens=1, min_tokens=1)  # same image: features cached
     s = out.stats
     return {"load_s": load_s, "vision_s": vision_s, "ttft_s": s.ttft_s, "ttft_repeat_s": again.stats.ttft_s,
             "decode_tokens_per_s": s.decode_tokens_per_s, "prompt_tokens": s.prompt_tokens,
-            "generated_tokens": s.generated_tokens, "peak_rss_bytes": peak_rss(), "device": s.device}
+            "generated_tokens": s.generated_tokens, "peak_rss_bytes": peak_rss_bytes(), "device": s.device}
 
 
 def _sync(backend, x) -> None:
@@ -104,15 +100,21 @@ def _sync(backend, x) -> None:
         torch.cuda.synchronize()
 
 
-def hf_processor(folder: Path, size: int):
+def hf_processor(folder: Path, config: PaliGemmaConfig):
     """transformers' PaliGemmaProcessor for a checkpoint folder (its PIL image processor, our tokenizer.model)."""
     from transformers import AutoTokenizer, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    size = config.image_size
     ip = SiglipImageProcessorPil(size={"height": size, "width": size})
-    ip.image_seq_length = (size // 14) ** 2
+    ip.image_seq_length = config.num_image_tokens
     return PaliGemmaProcessor(image_processor=ip, tokenizer=AutoTokenizer.from_pretrained(folder))
+
+
+def never_generated(config: PaliGemmaConfig) -> list[int]:
+    """`<image>` and the embedding's padding rows after it: ids the other engines must be kept from."""
+    return list(range(config.image_token_index, config.text.vocab_size))
 
 
 def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
@@ -123,11 +125,11 @@ def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
     model = PaliGemmaForConditionalGeneration.from_pretrained(
         folder, dtype=getattr(torch, variant), attn_implementation="eager").eval()
     load_s = time.perf_counter() - t0
-    processor = hf_processor(folder, model.config.vision_config.image_size)
+    config = PaliGemmaConfig.from_file(folder / "config.json")
+    processor = hf_processor(folder, config)
     inputs = processor(images=bench_image(), text="<image>" + PROMPT, return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    pad_rows = list(range(257152, model.config.text_config.vocab_size))
-    kw = dict(do_sample=False, suppress_tokens=pad_rows)
+    kw = dict(do_sample=False, suppress_tokens=never_generated(config))
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.get_image_features(inputs["pixel_values"])
@@ -141,7 +143,7 @@ def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
     return {"load_s": load_s, "vision_s": vision_s, "ttft_s": ttft,
             "decode_tokens_per_s": (tokens - 1) / max(total - ttft, 1e-9),
             "prompt_tokens": int(inputs["input_ids"].shape[1]), "generated_tokens": tokens,
-            "peak_rss_bytes": peak_rss(), "device": "cpu"}
+            "peak_rss_bytes": peak_rss_bytes(), "device": "cpu"}
 
 
 def worker_mlx_vlm(variant: str, folder: Path, tokens: int) -> dict:
@@ -149,10 +151,8 @@ def worker_mlx_vlm(variant: str, folder: Path, tokens: int) -> dict:
     from mlx_vlm import load
     from mlx_vlm.generate import stream_generate
 
-    from .config import PaliGemmaConfig
-
-    size = PaliGemmaConfig.from_file(folder / "config.json").image_size
-    hf_processor(folder, size).save_pretrained(folder)  # mlx-vlm reads the processor files
+    config = PaliGemmaConfig.from_file(folder / "config.json")
+    hf_processor(folder, config).save_pretrained(folder)  # mlx-vlm reads the processor files
     t0 = time.perf_counter()
     model, processor = load(str(folder))
     if variant != "bfloat16":
@@ -163,23 +163,28 @@ def worker_mlx_vlm(variant: str, folder: Path, tokens: int) -> dict:
     image = Image.fromarray(bench_image())
     first, t0, n = None, time.perf_counter(), 0
     for _ in stream_generate(model, processor, "<image>" + PROMPT, image=[image], max_tokens=tokens,
-                             temperature=0.0, logits_processors=[_no_eos]):
+                             temperature=0.0, logits_processors=[_forced_length(config)]):
         n += 1
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
     return {"load_s": load_s, "vision_s": float("nan"), "ttft_s": first - t0,
             "decode_tokens_per_s": (n - 1) / max(end - first, 1e-9), "generated_tokens": n,
-            "peak_rss_bytes": peak_rss(), "device": str(mx.default_device())}
+            "peak_rss_bytes": peak_rss_bytes(), "device": str(mx.default_device())}
 
 
-def _no_eos(tokens, logits):
+def _forced_length(config: PaliGemmaConfig):
+    """An mlx-vlm logits processor that never picks eos (the generation length is forced) nor a non-token."""
     import mlx.core as mx
 
-    mask = mx.zeros(logits.shape[-1], dtype=mx.bool_)
-    mask[1] = True  # eos: the generation length is forced
-    mask[257152:] = True  # never the embedding's padding rows
-    return mx.where(mask, -mx.inf, logits)
+    banned = [config.eos_token_id] + never_generated(config)
+
+    def processor(tokens, logits):
+        mask = mx.zeros(logits.shape[-1], dtype=mx.bool_)
+        mask[mx.array(banned)] = True
+        return mx.where(mask, -mx.inf, logits)
+
+    return processor
 
 
 def worker(args) -> int:
@@ -230,7 +235,7 @@ def decode_bytes_per_token(config, variant: str) -> float:
 
 
 def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "mlx_paligemma.bench", "--worker", engine, "--folder", str(folder),
+    cmd = [sys.executable, "-m", "mlx_paligemma.dev.bench", "--worker", engine, "--folder", str(folder),
            "--tokens", str(tokens), "--batch-size", str(batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -308,7 +313,6 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
 
-    from .config import PaliGemmaConfig
     from .fullsize import full_size_checkpoint
 
     try:
