@@ -191,3 +191,26 @@ def write_checkpoint(folder: Path, text_pieces: int | None, seed: int, config: d
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(random_weights(config, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+DEMO_VAE = "vae-demo.safetensors"
+
+
+def demo_vae(folder: Path | None = None) -> Path:
+    """The demo checkpoint's mask decoder: random weights laid out as big_vision's vae-oid.npz,
+    marked `demo` in the file's metadata; written (atomically) on first use."""
+    from safetensors.numpy import save_file
+
+    from .vae import demo_weights
+
+    folder = Path(folder) if folder is not None else demo_checkpoint()
+    path = folder / DEMO_VAE
+    if path.exists():
+        return path
+    tmp = folder / f".{DEMO_VAE}.{os.getpid()}.tmp"
+    try:
+        save_file(demo_weights(seed=0), str(tmp), metadata={"demo": "true", "note": "random weights, not big_vision's decoder"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -55,15 +55,25 @@ def parse_detections(text: str, image_size: tuple[int, int]) -> list[Detection]:
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         # the label runs to the next object's separator; what follows it is not part of this object
-        label = text[m.end() : end].split(";", 1)[0]
-        label = " ".join(_drop_special_tokens(label).split())
-        y0, x0, y1, x1 = (int(g) for g in m.groups())
-        # bin / 1024 is the bin-start convention of Google's demo code; big_vision encodes
-        # round(v * 1023), so the two differ by under one bin
-        xs = sorted(_clamp(b / LOC_BINS * width, width) for b in (x0, x1))
-        ys = sorted(_clamp(b / LOC_BINS * height, height) for b in (y0, y1))
-        detections.append(Detection(label, (xs[0], ys[0], xs[1], ys[1])))
+        label = clean_label(text[m.end() : end])
+        detections.append(Detection(label, box_pixels([int(g) for g in m.groups()], (width, height))))
     return detections
+
+
+def clean_label(text: str) -> str:
+    """The label text after an object's tokens: up to the next ` ; `, special tokens dropped, spaces collapsed."""
+    return " ".join(_drop_special_tokens(text.split(";", 1)[0]).split())
+
+
+def box_pixels(bins, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Four location bins (y0, x0, y1, x1) -> (x0, y0, x1, y1) in pixels, ordered and clamped inside the image."""
+    width, height = image_size
+    y0, x0, y1, x1 = bins
+    # bin / 1024 is the bin-start convention of Google's demo code; big_vision encodes
+    # round(v * 1023), so the two differ by under one bin
+    xs = sorted(_clamp(b / LOC_BINS * width, width) for b in (x0, x1))
+    ys = sorted(_clamp(b / LOC_BINS * height, height) for b in (y0, y1))
+    return (xs[0], ys[0], xs[1], ys[1])
 
 
 def _drop_special_tokens(text: str) -> str:
@@ -86,28 +96,44 @@ def format_detections(detections) -> str:
     )
 
 
-def draw_detections(image: Image.Image, detections, *, line_width: int | None = None) -> Image.Image:
-    """A copy of `image` (as RGB) with each box outlined and labelled; one colour per label."""
+def label_colour(label: str, colours: dict[str, tuple[int, int, int]]) -> tuple[int, int, int]:
+    """The colour of `label`, recorded in `colours`: colours follow the order labels first appear,
+    so distinct labels differ up to 12 of them."""
+    return colours.setdefault(label, _PALETTE[len(colours) % len(_PALETTE)])
+
+
+def default_line_width(size: tuple[int, int]) -> int:
+    return max(1, round(min(size) / 160))
+
+
+def label_font(size: tuple[int, int]):
+    return ImageFont.load_default(size=max(10, round(min(size) / 30)))
+
+
+def draw_detections(image: Image.Image, detections, *, line_width: int | None = None,
+                    colours: dict[str, tuple[int, int, int]] | None = None) -> Image.Image:
+    """A copy of `image` (as RGB) with each box outlined and labelled; one colour per label
+    (`colours`, label -> RGB, is used and extended when given)."""
     out = image.convert("RGB")
     w, h = out.size
     if line_width is None:
-        line_width = max(1, round(min(w, h) / 160))
-    font = ImageFont.load_default(size=max(10, round(min(w, h) / 30)))
+        line_width = default_line_width((w, h))
+    font = label_font((w, h))
     draw = ImageDraw.Draw(out)
-    colours: dict[str, tuple[int, int, int]] = {}
+    colours = {} if colours is None else colours
     for det in detections:
-        # colours follow the order labels first appear, so distinct labels differ up to 12 of them
-        colour = colours.setdefault(det.label, _PALETTE[len(colours) % len(_PALETTE)])
+        colour = label_colour(det.label, colours)
         # sorted, because PIL refuses a rectangle given right-to-left
         x0, x1 = sorted(min(max(round(v), 0), w - 1) for v in (det.box[0], det.box[2]))
         y0, y1 = sorted(min(max(round(v), 0), h - 1) for v in (det.box[1], det.box[3]))
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line_width)
         if det.label:
-            _draw_label(draw, det.label, (x0, y0), colour, font, (w, h))
+            draw_label(draw, det.label, (x0, y0), colour, font, (w, h))
     return out
 
 
-def _draw_label(draw, label, corner, colour, font, size):
+def draw_label(draw, label, corner, colour, font, size):
+    """A filled tag with `label`, above `corner` when there is room, else just inside."""
     if not isinstance(font, ImageFont.FreeTypeFont):
         # without FreeType Pillow falls back to a bitmap font that only encodes Latin-1
         label = label.encode("latin-1", "replace").decode("latin-1")
