@@ -11,10 +11,13 @@ from .api import Generation, Model, load
 from .detection import Detection, draw_detections, parse_detections
 from .errors import CheckpointError, ImageError, OutputError, PaliGemmaError, PromptError, SettingError
 from .generate import Stats
+from .segmentation import Segment, Segments, draw_segments, parse_segments
+from .vae import load_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load", "Model", "Generation", "Stats", "Detection", "parse_detections", "draw_detections",
+    "Segment", "Segments", "parse_segments", "draw_segments", "load_vae",
     "PaliGemmaError", "SettingError", "ImageError", "PromptError", "CheckpointError", "OutputError",
 ]

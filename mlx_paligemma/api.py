@@ -38,6 +38,7 @@ class Generation:
     image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
     finished_by: str = "max_tokens"  # "eos", "max_tokens" or "context"
     detections: list = field(default_factory=list)
+    segments: list = field(default_factory=list)  # filled by Model.segment: Segments (masks), with .invalid
 
 
 def pick_backend(backend: str) -> str:
@@ -58,8 +59,13 @@ def load(
     device: str | None = None,
     quantize: int | None = None,
     group_size: int = 64,
+    vae: str | os.PathLike | None = None,
 ) -> "Model":
-    """Load a PaliGemma checkpoint (folder or Hugging Face repo id; `demo` for the built-in one)."""
+    """Load a PaliGemma checkpoint (folder or Hugging Face repo id; `demo` for the built-in one).
+
+    vae: big_vision's mask decoder file for `segment` (vae-oid.npz or its safetensors copy); read
+    now when given, else found when first needed ($PALIGEMMA_VAE, `paligemma download-vae`).
+    """
     chosen = pick_backend(backend)
     if dtype is not None and dtype not in DTYPES:
         raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -90,7 +96,10 @@ def load(
         from .torch_backend.backend import TorchBackend
 
         engine = TorchBackend(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
-    return Model(engine, tokenizer, source=str(path_or_repo))
+    model = Model(engine, tokenizer, source=str(path_or_repo))
+    if vae is not None:
+        model.vae = model.load_vae(vae)
+    return model
 
 
 class Model:
@@ -104,6 +113,7 @@ class Model:
         self._features: OrderedDict[bytes, object] = OrderedDict()
         self.vocab_limit = min(tokenizer.vocab_size, self.config.text.vocab_size)
         self.context_len = self.config.text.max_position_embeddings
+        self.vae = None  # the mask decoder, loaded by the first segment() unless given to load()
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -239,3 +249,39 @@ class Model:
             return []
         params = SamplingParams(temperature, top_p, top_k, seed)
         return self._run(list(images), list(prompts), max_tokens, min_tokens, params)
+
+    def load_vae(self, path: str | os.PathLike):
+        """Read a mask decoder file onto this model's backend (and device)."""
+        from .vae import load_vae
+
+        device = self.backend.device if self.backend.name == "torch" else None
+        return load_vae(path, backend=self.backend.name, device=device)
+
+    def mask_decoder(self):
+        """The mask decoder `segment` uses: the one given to `load`, else $PALIGEMMA_VAE, else the
+        demo decoder for the demo checkpoint, else the one `paligemma download-vae` stored."""
+        if self.vae is None:
+            from .vae import VAE_ENV, find_vae, missing_vae_message
+
+            path = find_vae() if os.environ.get(VAE_ENV) or not self.is_demo else None
+            if path is None and self.is_demo:
+                from .demo import demo_vae
+
+                path = demo_vae()
+            if path is None:
+                raise SettingError(missing_vae_message())
+            self.vae = self.load_vae(path)
+        return self.vae
+
+    def segment(self, image, things: str, **kwargs) -> Generation:
+        """`segment things` on `image`: the Generation, with `.segments` (masks in pixels of the
+        original image, `.segments.invalid` the malformed objects) and `.detections` (objects the
+        model gave a box without mask codes). Other keyword arguments go to `generate`."""
+        from .prompts import task_prompt
+        from .segmentation import parse_segments
+
+        vae = self.mask_decoder()  # before generating: a missing decoder should not cost a generation
+        out = self.generate(image, task_prompt("segment", things), **kwargs)
+        out.segments = parse_segments(out.text, out.image_size, vae)
+        out.detections = out.segments.detections
+        return out

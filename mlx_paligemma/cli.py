@@ -23,13 +23,13 @@ from pathlib import Path
 from .api import BACKENDS, DEFAULT_MAX_TOKENS, DTYPES
 from .checkpoint import DEFAULT_MODEL
 from .errors import OutputError, PaliGemmaError, SettingError
-from .prompts import detect_things, is_detection_prompt, task_prompt
+from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
 from .shell import DEMO_NOTE, Settings, run_shell
 from .usage import Parser, UsageError
 
 DETAIL_MAX_TOKENS = 512
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # what save_image_atomic writes
-TASKS = ("describe", "caption", "ocr", "answer", "detect")
+TASKS = ("describe", "caption", "ocr", "answer", "detect", "segment")
 
 
 def _shared(p: argparse.ArgumentParser, top: bool) -> None:
@@ -48,6 +48,9 @@ def _shared(p: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--top-k", type=int, default=d(0), metavar="K", help="sample among the K most likely tokens (default 0: no limit)")
     g.add_argument("--seed", type=int, default=d(0), help="seed of the sampler (default 0)")
     g.add_argument("--lang", default=d("en"), help="language code of describe, caption and answer (default en)")
+    t = p.add_argument_group("detect and segment")
+    t.add_argument("--vae", default=d(None), metavar="PATH", help="big_vision's mask decoder for segment (vae-oid.npz or its .safetensors copy; default $PALIGEMMA_VAE, else the one `paligemma download-vae` stored)")
+    t.add_argument("--no-constrain", dest="constrain", action="store_false", default=d(True), help="let detect/segment answers run free instead of following the objects' grammar")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", default=d(False), help="print one JSON object with the answer, boxes and stats")
     o.add_argument("--quiet", "-q", action="store_true", default=d(False), help="print only the answer text")
@@ -81,10 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("things", nargs="+", help='what to look for, separated by ";", e.g. "car ; person"')
     p.add_argument("--save", metavar="OUT", help="write the image with the boxes drawn (.jpg, .png or .webp)")
+    p = command("segment", "masks of things (prompt `segment cat ; dog`)")
+    p.add_argument("image", help="image file")
+    p.add_argument("things", nargs="+", help='what to segment, separated by ";", e.g. "cat ; dog"')
+    p.add_argument("--save", metavar="OUT", help="write the image with the masks drawn (.jpg, .png or .webp)")
     p = command("chat", "the interactive shell")
     p.add_argument("--image", dest="image", help="start with this image")
     sub.add_parser("convert", help="convert a checkpoint to an MLX folder (see paligemma convert --help)", add_help=False)
     sub.add_parser("bench", help="measure speed (see paligemma bench --help)", add_help=False)
+    sub.add_parser("download-vae", help="fetch big_vision's mask decoder for segment (see paligemma download-vae --help)", add_help=False)
+    sub.add_parser("convert-vae", help="copy a mask decoder file to safetensors (see paligemma convert-vae --help)", add_help=False)
     return parser
 
 
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return convert_main(argv[1:])
         if argv and argv[0] == "bench":
             return _bench(argv[1:])
+        if argv and argv[0] in ("download-vae", "convert-vae"):
+            return _vae_command(argv[0], argv[1:])
         return _run(build_parser().parse_args(argv))
     except UsageError as e:
         return _fail(f"{e} (see paligemma --help)")
@@ -136,19 +147,20 @@ def _settings(args, image: str | None) -> Settings:
     return Settings(
         model=args.model, backend=args.backend, dtype=args.dtype, image=image, lang=lang,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=max_tokens, seed=args.seed,
+        vae=args.vae, constrain=args.constrain,
     ).validate()
 
 
 def _run(args) -> int:
     command = args.command
-    if command in ("convert", "bench"):  # only reached when options come before the name
+    if command in ("convert", "bench", "download-vae", "convert-vae"):  # only reached when options come before the name
         raise UsageError(f"put `{command}` first: paligemma {command} ...")
     free = args.free_image is not None or args.free_prompt is not None
     if free and command not in (None, "chat"):
         raise UsageError(f"-i/-p are for a free prompt; they do not go with `{command}`")
     if command == "chat" or (command is None and not free):
         if command is None and not sys.stdin.isatty():
-            raise UsageError("no command given; use one of describe, caption, ocr, answer, detect, chat, or -i IMAGE -p PROMPT")
+            raise UsageError("no command given; use one of describe, caption, ocr, answer, detect, segment, chat, or -i IMAGE -p PROMPT")
         settings = _settings(args, getattr(args, "image", None) or args.free_image)
         return run_shell(lambda: _load(settings), settings)
     if command is None:
@@ -161,8 +173,8 @@ def _run(args) -> int:
         image = args.image
         if command == "answer":
             prompt = task_prompt("answer", " ".join(args.question), args.lang.strip())
-        elif command == "detect":
-            prompt = "detect " + detect_things(" ".join(args.things))
+        elif command in ("detect", "segment"):
+            prompt = task_prompt(command, " ".join(args.things))
         else:
             prompt = task_prompt(command, lang=args.lang.strip())
     return run_once(args, _settings(args, image), prompt, getattr(args, "save", None))
@@ -172,7 +184,7 @@ def _load(settings: Settings):
     from . import api
 
     try:
-        return api.load(settings.model, backend=settings.backend, dtype=settings.dtype)
+        return api.load(settings.model, backend=settings.backend, dtype=settings.dtype, vae=settings.vae)
     except ImportError as e:
         # a backend whose framework is not installed here
         raise SettingError(f"the {api.pick_backend(settings.backend)} backend cannot start: {e}") from None
@@ -191,10 +203,15 @@ def _check_output(path: str) -> Path:
 def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
     from .detection import draw_detections, format_detections, parse_detections
     from .image import load_image, save_image_atomic
+    from .segmentation import draw_segments, format_segments, parse_segments, segments_json
 
     out_path = _check_output(save) if save else None
+    segmenting = is_segmentation_prompt(prompt)
+    if segmenting and args.json:
+        _need_pycocotools()
     picture = load_image(settings.image)
     model = _load(settings)
+    vae = model.mask_decoder() if segmenting else None  # a missing decoder: an error before generating
     kwargs = dict(
         max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
         top_k=settings.top_k, seed=settings.seed,
@@ -202,6 +219,8 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
     model.check(prompt, **kwargs)  # a setting or prompt this model cannot take: one error line, nothing else
     if model.is_demo:
         print(DEMO_NOTE, file=sys.stderr)
+    elif vae is not None and vae.demo:
+        print(f"note: {vae.source} is the demo mask decoder (random weights): its masks mean nothing", file=sys.stderr)
     if args.json:
         result = model.generate(picture, prompt, **kwargs)
     else:
@@ -211,10 +230,15 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
         result = model.last
         sys.stdout.write("\n")
         sys.stdout.flush()
-    detections = parse_detections(result.text, result.image_size) if is_detection_prompt(prompt) else []
+    segments = parse_segments(result.text, result.image_size, vae) if segmenting else None
+    if segments is not None:
+        detections = segments.detections
+    else:
+        detections = parse_detections(result.text, result.image_size) if is_detection_prompt(prompt) else []
     saved = None
     if out_path is not None:
-        saved = save_image_atomic(draw_detections(picture, detections), out_path)
+        drawn = draw_segments(picture, segments, detections) if segmenting else draw_detections(picture, detections)
+        saved = save_image_atomic(drawn, out_path)
     if args.json:
         print(json.dumps({
             "model": settings.model,
@@ -227,13 +251,23 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
             "token_ids": result.token_ids,
             "finished_by": result.finished_by,
             "detections": [{"label": d.label, "box": [round(v, 1) for v in d.box]} for d in detections],
+            **(dict(segments_json(segments), vae=vae.source, vae_demo=vae.demo) if segmenting else {}),
             "saved": str(saved) if saved else None,
             "stats": result.stats.to_dict(),
         }, ensure_ascii=False))
         return 0
     if args.quiet:
         return 0
-    if is_detection_prompt(prompt):
+    if segmenting:
+        if segments:
+            print(format_segments(segments))
+        if detections:
+            print(format_detections(detections))
+        if not segments and not detections:
+            print("(no masks in the answer)", file=sys.stderr)
+        if segments.invalid:
+            print(f"({segments.invalid} malformed object(s) in the answer skipped)", file=sys.stderr)
+    elif is_detection_prompt(prompt):
         if detections:
             print(format_detections(detections))
         else:
@@ -241,6 +275,38 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
     if saved:
         print(f"saved {saved}", file=sys.stderr)
     print(result.stats.line(), file=sys.stderr)
+    return 0
+
+
+def _need_pycocotools() -> None:
+    try:
+        import pycocotools.mask  # noqa: F401
+    except ImportError:
+        raise SettingError("segment --json writes masks as COCO RLE with pycocotools: pip install 'mlx-paligemma[segment]'") from None
+
+
+def _vae_command(name: str, argv: list[str]) -> int:
+    """`paligemma download-vae` and `paligemma convert-vae`."""
+    from .vae import VAE_URL, convert_vae, default_vae_path, download_vae
+
+    if name == "download-vae":
+        p = Parser(prog="paligemma download-vae", description=(
+            "Download big_vision's mask decoder (vae-oid.npz, the VQ-VAE that turns <seg> codes into masks) "
+            f"from {VAE_URL}, print its sha256 and store it beside the file."))
+        p.add_argument("--out", default=None, metavar="PATH", help=f"where to put it (default {default_vae_path()}, where segment finds it)")
+        p.add_argument("--url", default=VAE_URL, help="a mirror of the file (default big_vision's public bucket)")
+        p.add_argument("--force", action="store_true", help="download again over an existing file")
+        args = p.parse_args(argv)
+        print(f"downloading {args.url}", file=sys.stderr)
+        path, digest = download_vae(args.out, url=args.url, force=args.force)
+        print(f"saved {path}\nsha256 {digest} (written to {path.name}.sha256)")
+        return 0
+    p = Parser(prog="paligemma convert-vae", description="Copy the mask decoder's tensors of vae-oid.npz to a safetensors file (same names).")
+    p.add_argument("source", help="vae-oid.npz")
+    p.add_argument("out", help="OUT.safetensors")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    args = p.parse_args(argv)
+    print(f"saved {convert_vae(args.source, args.out, force=args.force)}")
     return 0
 
 

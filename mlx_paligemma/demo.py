@@ -193,21 +193,23 @@ def write_checkpoint(folder: Path, text_pieces: int | None, seed: int, config: d
     return folder
 
 
-DEMO_VAE = "vae-demo.safetensors"
+
+DEMO_VAE_VERSION = 1
 
 
-def demo_vae(folder: Path | None = None) -> Path:
+def demo_vae() -> Path:
     """The demo checkpoint's mask decoder: random weights laid out as big_vision's vae-oid.npz,
-    marked `demo` in the file's metadata; written (atomically) on first use."""
+    marked `demo` in the file's metadata; written (atomically) on first use beside the demo folder
+    (not in it: every safetensors file in a checkpoint folder is read as model weights)."""
     from safetensors.numpy import save_file
 
     from .vae import demo_weights
 
-    folder = Path(folder) if folder is not None else demo_checkpoint()
-    path = folder / DEMO_VAE
+    path = cache_root() / f"demo-vae-v{DEMO_VAE_VERSION}.safetensors"
     if path.exists():
         return path
-    tmp = folder / f".{DEMO_VAE}.{os.getpid()}.tmp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         save_file(demo_weights(seed=0), str(tmp), metadata={"demo": "true", "note": "random weights, not big_vision's decoder"})
         os.replace(tmp, path)

@@ -58,6 +58,8 @@ class Settings:
     top_k: int = 0
     max_tokens: int = 128
     seed: int = 0
+    vae: str | None = None  # mask decoder file for segment (None: found when first needed)
+    constrain: bool = True  # detect/segment answers follow the objects' grammar
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
