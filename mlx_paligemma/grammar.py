@@ -1,0 +1,122 @@
+"""Constrained decoding for detect and segment: the answer must be a list of well-formed objects.
+
+Grammar of an answer (what the parsers read back, as big_vision writes its training targets):
+
+    answer  := eos | object (" ; " object)* eos
+    object  := <loc>{4} <seg>{16} label     (segment; detect has no <seg> tokens)
+               with the box's y_max > y_min and x_max > x_min (big_vision's valid box)
+    label   := text pieces with at least one visible character, no ";", "<", ">" or line breaks
+
+With it even a random or heavily quantized model yields objects the parsers accept: four
+location tokens, sixteen codes for segment, a label, separators in their place. An object is
+only started when the tokens left (`max_tokens`) can complete it, so a length cut never leaves
+half an object (an answer with no room for one object is empty). The grammar knows token ids and the tokenizer's pieces, nothing of the model.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_LOC = re.compile(r"<loc[0-9]{4}>")
+_SEG = re.compile(r"<seg[0-9]{3}>")
+_SEPARATOR = re.compile(r" ?; ?")  # pieces that close a label: ";", " ;", "; ", " ; "
+_NOT_LABEL = re.compile(r"[;<>\n\r\t]")
+
+LOCS, CODES = 4, 16
+
+
+class ObjectGrammar:
+    """Allowed next tokens of a detect (`segment=False`) or segment answer, given the ids so far."""
+
+    def __init__(self, tokenizer, segment: bool, vocab_size: int):
+        self.segment = segment
+        self.codes = CODES if segment else 0
+        self.eos = tokenizer.eos_id
+        controls = {tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id}
+        n = vocab_size
+        # sentencepiece pieces spell a space as U+2581
+        self.texts = [tokenizer.piece(i).replace("\u2581", " ") if i not in controls else "" for i in range(n)]
+        kind = np.zeros(n, dtype=np.int8)  # 0 other, 1 loc, 2 seg, 3 label, 4 separator, 5 one space
+        self.loc_value = np.full(n, -1, dtype=np.int32)
+        for i, t in enumerate(self.texts):
+            if _LOC.fullmatch(t):
+                kind[i] = 1
+                self.loc_value[i] = int(t[4:8])
+            elif _SEG.fullmatch(t):
+                kind[i] = 2
+            elif _SEPARATOR.fullmatch(t):
+                kind[i] = 4
+            elif t == " ":
+                kind[i] = 5
+            elif t.strip() and not _NOT_LABEL.search(t) and not (t.startswith("<") or t.endswith(">")) and i not in controls:
+                kind[i] = 3
+        self.kind = kind
+        if not (kind == 1).any() or (segment and not (kind == 2).any()):
+            raise ValueError("the tokenizer has no <locNNNN>/<segNNN> tokens; it is not a PaliGemma tokenizer")
+        # the allowed set of each state, built once
+        eos = np.zeros(n, dtype=bool)
+        eos[self.eos] = True
+        self._eos = eos
+        # y_min and x_min leave room for a larger y_max and x_max
+        start = (kind == 1) & (self.loc_value < self.loc_value.max())
+        self._masks = {
+            "first": start | eos,  # an empty answer is a valid one ("nothing found")
+            "loc": start,
+            "seg": kind == 2,
+            "label_start": kind == 3,
+            "label": (kind == 3) | (kind == 5) | eos,
+            "label_or_separator": (kind == 3) | (kind == 5) | (kind == 4) | eos,
+            "after_semicolon": start | (kind == 5),
+        }
+        self.object_len = LOCS + self.codes + 1  # and at least one label piece
+
+    def state(self, ids) -> str:
+        return self._walk(ids)[0]
+
+    def _walk(self, ids) -> tuple[str, list[int]]:
+        """The state after the ids generated so far (a walk over the answer, from its start), and
+        the location values of the object being written."""
+        phase, count, label, locs = "loc", 0, "", []
+        for t in ids:
+            t = int(t)
+            if phase == "loc":
+                count += 1
+                locs.append(int(self.loc_value[t]) if 0 <= t < len(self.loc_value) else -1)
+                if count == LOCS:
+                    phase, count = ("seg", 0) if self.codes else ("label", 0)
+                    label = ""
+            elif phase == "seg":
+                count += 1
+                if count == self.codes:
+                    phase, label = "label", ""
+            elif phase == "label":
+                label += self.texts[t] if 0 <= t < len(self.texts) else ""
+                if ";" in label:
+                    phase, label = "separator", label.split(";", 1)[1]
+            elif phase == "separator":
+                if 0 <= t < len(self.kind) and self.kind[t] == 1:
+                    phase, count, locs = "loc", 1, [int(self.loc_value[t])]
+                else:
+                    label += self.texts[t] if 0 <= t < len(self.texts) else ""
+        if phase == "loc":
+            return ("first" if count == 0 and not len(ids) else "loc"), locs
+        if phase == "seg":
+            return "seg", locs
+        if phase == "separator":
+            return ("after_semicolon" if not label else "loc"), []
+        return ("label" if label.strip() else "label_start"), locs
+
+    def allowed(self, ids, remaining: int | None = None) -> np.ndarray:
+        """Bool mask (vocab,) of the tokens that may come next; `remaining`: tokens left after this one."""
+        state, locs = self._walk(ids)
+        if state == "first" and remaining is not None and remaining + 1 < self.object_len:
+            return self._eos  # no room for a whole object: the empty answer
+        if state == "loc" and len(locs) >= 2 and len(locs) < LOCS:
+            # y_max > y_min, x_max > x_min: the third and fourth tokens exceed the first and second
+            return self.loc_value > locs[len(locs) - 2]
+        if state == "label" and (remaining is None or remaining >= self.object_len + 1):
+            # a separator only when a whole object can still follow it (" ;" then at least 4 + codes + 1)
+            state = "label_or_separator"
+        return self._masks[state]
