@@ -297,7 +297,6 @@ def _vae_command(name: str, argv: list[str]) -> int:
         p.add_argument("--url", default=VAE_URL, help="a mirror of the file (default big_vision's public bucket)")
         p.add_argument("--force", action="store_true", help="download again over an existing file")
         args = p.parse_args(argv)
-        print(f"downloading {args.url}", file=sys.stderr)
         path, digest = download_vae(args.out, url=args.url, force=args.force)
         print(f"saved {path}\nsha256 {digest} (written to {path.name}.sha256)")
         return 0

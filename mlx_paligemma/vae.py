@@ -221,6 +221,8 @@ def download_vae(out: str | os.PathLike | None = None, url: str = VAE_URL, force
     if out.exists() and not force:
         raise OutputError(f"{out} exists; pass --force to download it again")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"downloading {url} to {out}", file=sys.stderr)
     tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
     h = hashlib.sha256()
     try:
