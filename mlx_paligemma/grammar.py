@@ -120,3 +120,27 @@ class ObjectGrammar:
             # a separator only when a whole object can still follow it (" ;" then at least 4 + codes + 1)
             state = "label_or_separator"
         return self._masks[state]
+
+
+class GrammarProcessor:
+    """A logits processor (see sampling): each row with a grammar gets -inf on every token its
+    grammar does not allow next; rows without one (other prompts of a batch) are left alone."""
+
+    def __init__(self, grammars, max_tokens: int, eos_id: int):
+        self.grammars = list(grammars)
+        self.max_tokens = max_tokens
+        self.eos = eos_id
+
+    def __call__(self, generated: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        step = generated.shape[1]
+        V = logits.shape[-1]
+        for b, grammar in enumerate(self.grammars):
+            if grammar is None or (generated[b] == self.eos).any():  # an ended row's ids are not used
+                continue
+            allowed = grammar.allowed(generated[b], remaining=self.max_tokens - step - 1)[:V]
+            row = np.where(allowed, logits[b], -np.inf)
+            if not np.isfinite(row).any():
+                # every allowed token was already at -inf (eos banned by min_tokens): the grammar wins
+                row = np.where(allowed, 0.0, -np.inf)
+            logits[b] = row
+        return logits

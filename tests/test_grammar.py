@@ -7,7 +7,7 @@ import pytest
 
 from mlx_paligemma.demo import demo_checkpoint
 from mlx_paligemma.detection import parse_detections
-from mlx_paligemma.grammar import ObjectGrammar
+from mlx_paligemma.grammar import GrammarProcessor, ObjectGrammar
 from mlx_paligemma.segmentation import parse_segments
 from mlx_paligemma.tokenizer import Tokenizer
 
@@ -96,3 +96,21 @@ def test_states_follow_the_answer(tokenizer):
     assert not g.allowed([], remaining=5)[loc].any() and g.allowed([], remaining=5)[tokenizer.eos_id]
     d = ObjectGrammar(tokenizer, segment=False, vocab_size=tokenizer.vocab_size)
     assert d.state(loc * 4) == "label_start" and not d.allowed(loc * 4)[seg].any()
+
+
+def test_processor_masks_rows_with_a_grammar_only(tokenizer):
+    g = ObjectGrammar(tokenizer, segment=True, vocab_size=tokenizer.vocab_size)
+    process = GrammarProcessor([g, None], max_tokens=40, eos_id=tokenizer.eos_id)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, tokenizer.vocab_size)).astype(np.float32)
+    original = logits.copy()
+    generated = np.array([tokenizer.encode("<loc0001><loc0002>"), [5, 6]])
+    out = process(generated, logits)
+    np.testing.assert_array_equal(out[1], original[1])
+    allowed = g.allowed(generated[0], remaining=37)
+    assert np.isneginf(out[0][~allowed]).all() and (out[0][allowed] == original[0][allowed]).all()
+    # eos banned (min_tokens) where only eos is allowed: the grammar's choice survives
+    banned = rng.normal(size=(1, tokenizer.vocab_size)).astype(np.float32)
+    banned[0, tokenizer.eos_id] = -np.inf
+    out = GrammarProcessor([g], max_tokens=3, eos_id=tokenizer.eos_id)(np.zeros((1, 0), np.int64), banned)
+    assert int(out[0].argmax()) == tokenizer.eos_id
