@@ -1,6 +1,8 @@
-"""PaliGemma configuration read from a checkpoint's config.json.
+"""PaliGemma configuration read from a checkpoint's config.json (and generation_config.json).
 
-Each dataclass keeps only the fields it declares; everything derived is computed in one place
+A field config.json leaves out gets the value transformers gives it, from one table
+(CLASS_DEFAULTS, per class transformers builds); nothing is derived from other fields. Each
+dataclass keeps only the fields it declares; everything derived is computed in one place
 (`PaliGemmaConfig.from_dict`). The text model family (Gemma 1 or Gemma 2) is decided here, once.
 """
 
@@ -15,22 +17,74 @@ from .errors import CheckpointError
 
 SUPPORTED_TEXT_TYPES = ("gemma", "gemma2")
 
+# The value transformers (5.x) gives each field a config.json leaves out: the defaults of the class
+# that `model_type` names (transformers' GemmaConfig, Gemma2Config, SiglipVisionConfig), and
+# PaliGemmaConfig's own. Nothing is derived from other fields: Gemma's head_dim is not hidden / heads
+# (PaliGemma 2 10B: 3584 / 16 = 224, but head_dim 256), and the hub's PaliGemma 2 configs omit it.
+CLASS_DEFAULTS: dict[str, dict] = {
+    "gemma": dict(  # GemmaConfig
+        vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
+        rms_norm_eps=1e-6, rope_theta=10000.0,  # RotaryEmbeddingConfigMixin.default_theta
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    ),
+    "gemma2": dict(  # Gemma2Config
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+        rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        layer_types=None,  # None: alternating, a sliding layer first (Gemma2Config.__post_init__)
+    ),
+    "siglip_vision_model": dict(  # SiglipVisionConfig
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
+    ),
+    "paligemma": dict(image_token_index=256000, projection_dim=2048),  # PaliGemmaConfig
+}
+
+# PaliGemmaConfig.sub_configs_defaults: what it builds when config.json has no text_config or no
+# vision_config at all (an empty {} gets the plain class defaults above instead)
+MISSING_SUBCONFIG: dict[str, dict] = {
+    "text_config": dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
+                        num_attention_heads=8, num_key_value_heads=1, vocab_size=257152),
+    "vision_config": dict(model_type="siglip_vision_model", intermediate_size=4096, hidden_size=1152,
+                          patch_size=14, image_size=224, num_hidden_layers=27, num_attention_heads=16),
+}
+
 
 def _known_fields(cls, d: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in d.items() if k in names}
 
 
+def _sub_config(d: dict, key: str, default_type: str) -> dict:
+    """A sub-config's fields with every omitted one filled as transformers fills it."""
+    given = d.get(key)
+    if given is None:
+        given = MISSING_SUBCONFIG[key]
+    if not isinstance(given, dict):
+        raise CheckpointError(f"config.json: {key} must be an object")
+    model_type = given.get("model_type", default_type)
+    if key == "text_config" and model_type not in SUPPORTED_TEXT_TYPES:
+        raise CheckpointError(
+            f"unsupported text model type {model_type!r}: expected one of {', '.join(SUPPORTED_TEXT_TYPES)}"
+        )
+    if key == "vision_config" and model_type != "siglip_vision_model":
+        raise CheckpointError(f"unsupported vision model type {model_type!r}: expected siglip_vision_model")
+    return {**CLASS_DEFAULTS[model_type], **given, "model_type": model_type}
+
+
 @dataclass
 class VisionConfig:
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 14
-    layer_norm_eps: float = 1e-6
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_channels: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float
 
     @property
     def head_dim(self) -> int:
@@ -43,17 +97,17 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    model_type: str = "gemma2"
-    hidden_size: int = 2304
-    intermediate_size: int = 9216
-    num_hidden_layers: int = 26
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    head_dim: int = 256
-    vocab_size: int = 257216
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 8192
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
     # Gemma 2 only; None for Gemma 1
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
@@ -79,10 +133,11 @@ class TextConfig:
 class PaliGemmaConfig:
     vision: VisionConfig
     text: TextConfig
-    image_token_index: int = 257152
-    projection_dim: int = 2304
+    image_token_index: int
+    projection_dim: int
     pad_token_id: int = 0
-    eos_token_id: int = 1
+    # every id that ends generation, as transformers' generate takes them (see eos_ids)
+    eos_token_ids: tuple[int, ...] = (1,)
     bos_token_id: int = 2
     quantization: dict | None = None
     demo: bool = False  # the built-in random-weight checkpoint (mlx_paligemma.demo)
@@ -110,60 +165,55 @@ class PaliGemmaConfig:
         return self.vision.image_size
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PaliGemmaConfig":
+    def from_dict(cls, d: dict, generation: dict | None = None) -> "PaliGemmaConfig":
+        """config.json (and generation_config.json when the folder has one) -> the config transformers reads."""
         if d.get("model_type") != "paligemma":
             raise CheckpointError(
                 f"unsupported model type {d.get('model_type')!r} in config.json: only 'paligemma' checkpoints load"
             )
-        vd = dict(d.get("vision_config") or {})
-        td = dict(d.get("text_config") or {})
-        text_type = td.get("model_type", "gemma")
-        if text_type not in SUPPORTED_TEXT_TYPES:
-            raise CheckpointError(
-                f"unsupported text model type {text_type!r}: expected one of {', '.join(SUPPORTED_TEXT_TYPES)}"
-            )
-        # Defaults for fields that some checkpoints leave out follow transformers' PaliGemma 1 defaults.
-        vision = VisionConfig(**_known_fields(VisionConfig, vd))
-        td.setdefault("model_type", text_type)
-        td.setdefault("vocab_size", d.get("vocab_size", 257216))
-        if "head_dim" not in td and "hidden_size" in td and "num_attention_heads" in td:
-            td["head_dim"] = td["hidden_size"] // td["num_attention_heads"]
+        td = _sub_config(d, "text_config", "gemma")
+        vd = _sub_config(d, "vision_config", "siglip_vision_model")
+        top = {**CLASS_DEFAULTS["paligemma"], **d}
+        # transformers moves rope_theta into rope_parameters, where a value already there wins
         rope = td.get("rope_parameters") or td.get("rope_scaling") or {}
-        if "rope_theta" in rope and "rope_theta" not in td:
+        if isinstance(rope, dict) and "rope_theta" in rope:
             td["rope_theta"] = rope["rope_theta"]
+        vision = VisionConfig(**_known_fields(VisionConfig, vd))
         text = TextConfig(**_known_fields(TextConfig, td))
-        if text_type == "gemma":
+        # transformers refuses these configs (validate_layer_type, Gemma2Config.validate_architecture)
+        if td.get("layer_types") is not None and len(td["layer_types"]) != text.num_hidden_layers:
+            raise CheckpointError("config.json: text_config.layer_types does not have one entry per layer")
+        if text.is_gemma2 and text.hidden_size % text.num_attention_heads:
+            raise CheckpointError(
+                f"config.json: the text hidden size {text.hidden_size} is not a multiple of the "
+                f"{text.num_attention_heads} attention heads"
+            )
+        if not text.is_gemma2:
             # Gemma 1 has no softcaps and no sliding window, and scales attention by head_dim ** -0.5
             text.query_pre_attn_scalar = None
             text.attn_logit_softcapping = None
             text.final_logit_softcapping = None
             text.sliding_window = None
             text.layer_types = ["full_attention"] * text.num_hidden_layers
-        else:
-            if text.query_pre_attn_scalar is None:
-                text.query_pre_attn_scalar = text.head_dim
-            if not text.layer_types:
-                # Gemma 2 alternates, starting with a sliding layer (transformers' default layer_types)
-                text.layer_types = [
-                    "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(text.num_hidden_layers)
-                ]
-        if len(text.layer_types) != text.num_hidden_layers:
-            raise CheckpointError("config.json: text_config.layer_types does not have one entry per layer")
-        image_token = d.get("image_token_index", d.get("image_token_id", 256000))
+        elif text.layer_types is None:
+            text.layer_types = [
+                "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(text.num_hidden_layers)
+            ]
         return cls(
             vision=vision,
             text=text,
-            image_token_index=int(image_token),
-            projection_dim=int(d.get("projection_dim", vd.get("projection_dim", text.hidden_size))),
-            pad_token_id=int(td.get("pad_token_id", d.get("pad_token_id", 0)) or 0),
-            eos_token_id=_first(td.get("eos_token_id", d.get("eos_token_id", 1))),
-            bos_token_id=_first(td.get("bos_token_id", d.get("bos_token_id", 2))),
+            image_token_index=int(d.get("image_token_index", d.get("image_token_id", top["image_token_index"]))),
+            projection_dim=int(top["projection_dim"]),
+            pad_token_id=int(td["pad_token_id"] if td.get("pad_token_id") is not None else d.get("pad_token_id") or 0),
+            eos_token_ids=eos_ids(d, generation),
+            bos_token_id=int(_first(td["bos_token_id"] if td.get("bos_token_id") is not None else d.get("bos_token_id", 2))),
             quantization=d.get("quantization"),
             demo=bool(d.get("demo", False)),
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PaliGemmaConfig":
+        """A folder's config.json, with its generation_config.json beside it when there is one."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -173,10 +223,41 @@ class PaliGemmaConfig:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise CheckpointError(f"{path}: expected a JSON object")
+        generation = None
+        gen_path = path.parent / "generation_config.json"
+        if gen_path.exists():
+            try:
+                generation = json.loads(gen_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{gen_path}: not valid JSON ({e})") from None
+            if not isinstance(generation, dict):
+                raise CheckpointError(f"{gen_path}: expected a JSON object")
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(d, generation)
         except (TypeError, ValueError, ArithmeticError) as e:
             raise CheckpointError(f"{path}: unexpected value in config ({e})") from None
+
+
+def eos_ids(config: dict, generation: dict | None) -> tuple[int, ...]:
+    """The ids that end generation, found where transformers' generate finds them.
+
+    from_pretrained takes generation_config.json when the folder has one (its eos_token_id alone,
+    absent meaning none); otherwise GenerationConfig.from_model_config of config.json: the top-level
+    eos_token_id, or, when that is unset, text_config's. A value may be one id or a list
+    (gemma-2-2b-it's text config, which PaliGemma 2's inherits, lists [1, 107]).
+    """
+    if generation is not None:
+        value = generation.get("eos_token_id")
+    else:
+        value = config.get("eos_token_id")
+        if value is None:
+            value = (config.get("text_config") or {}).get("eos_token_id")
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise CheckpointError(f"eos_token_id must be an id or a list of ids, got {value!r}")
+    return tuple(dict.fromkeys(values))
 
 
 def _first(v) -> int:
