@@ -177,7 +177,7 @@ def _forced_length(config: PaliGemmaConfig):
     """An mlx-vlm logits processor that never picks eos (the generation length is forced) nor a non-token."""
     import mlx.core as mx
 
-    banned = [config.eos_token_id] + never_generated(config)
+    banned = list(config.eos_token_ids) + never_generated(config)
 
     def processor(tokens, logits):
         mask = mx.zeros(logits.shape[-1], dtype=mx.bool_)
