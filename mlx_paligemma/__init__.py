@@ -13,11 +13,12 @@ from .errors import CheckpointError, ImageError, OutputError, PaliGemmaError, Pr
 from .generate import Stats
 from .segmentation import Segment, Segments, draw_segments, parse_segments
 from .vae import load_vae
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "Generation", "Stats", "Detection", "parse_detections", "draw_detections",
+    "load", "Model", "Generation", "Stats", "SamplingParams", "Detection", "parse_detections", "draw_detections",
     "Segment", "Segments", "parse_segments", "draw_segments", "load_vae",
     "PaliGemmaError", "SettingError", "ImageError", "PromptError", "CheckpointError", "OutputError",
 ]

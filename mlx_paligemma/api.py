@@ -21,12 +21,11 @@ from .config import PaliGemmaConfig
 from .errors import PromptError, SettingError
 from .generate import Stats, generate_steps, left_pad
 from .processor import pixel_values
-from .sampling import SamplingParams
+from .sampling import LogitsProcessor, SamplingParams, logits_processors
 from .tokenizer import StreamDecoder, Tokenizer
 
 BACKENDS = ("auto", "mlx", "torch")
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_MAX_TOKENS = 128
 FEATURE_CACHE_SIZE = 8
 
 
@@ -36,7 +35,7 @@ class Generation:
     token_ids: list[int]  # generated ids, eos excluded
     stats: Stats
     image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
-    finished_by: str = "max_tokens"  # "eos", "max_tokens" or "context"
+    finished_by: str = "max_tokens"  # "eos", "stop" (a stop string), "max_tokens" or "context"
     detections: list = field(default_factory=list)
     segments: list = field(default_factory=list)  # filled by Model.segment: Segments (masks), with .invalid
 
@@ -140,80 +139,74 @@ class Model:
             self._features.popitem(last=False)
         return rows[0] if len(rows) == 1 else self.backend.stack_features(rows)
 
-    def check(
-        self, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-        top_k: int = 0, seed: int = 0, min_tokens: int = 0,
-    ) -> None:
+    def check(self, prompt: str, params: SamplingParams | None = None, **settings) -> None:
         """Raise the SettingError or PromptError that `generate` would, without running the model."""
-        self._check(max_tokens, min_tokens, SamplingParams(temperature, top_p, top_k, seed))
+        self.sampling(params, **settings)
         self.prompt_ids(prompt)
 
-    def _check(self, max_tokens, min_tokens, params: SamplingParams) -> None:
-        params.validate()
-        if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= self.context_len:
-            raise SettingError(f"max_tokens must be a whole number in [1, {self.context_len}], got {max_tokens!r}")
-        if not isinstance(min_tokens, (int, np.integer)) or isinstance(min_tokens, bool) or min_tokens < 0:
-            raise SettingError(f"min_tokens must be a whole number >= 0, got {min_tokens!r}")
+    def sampling(self, params: SamplingParams | None = None, **settings) -> SamplingParams:
+        """`params` (or the defaults) with keyword settings replacing its fields, checked for this model."""
+        return SamplingParams.from_settings(params, **settings).validate(self.context_len)
 
-    def _run(self, images, prompts, max_tokens, min_tokens, params) -> list[Generation]:
-        gen = self._iterate(images, prompts, max_tokens, min_tokens, params)
+    def _run(self, images, prompts, params, processors) -> list[Generation]:
+        gen = self._iterate(images, prompts, params, processors)
         while True:
             try:
                 next(gen)
             except StopIteration as stop:
                 return stop.value
 
-    def _iterate(self, images, prompts, max_tokens, min_tokens, params):
+    def _iterate(self, images, prompts, params: SamplingParams, processors: Sequence[LogitsProcessor]):
         """Yield (row, text piece) as tokens arrive; return the list of Generations."""
-        self._check(max_tokens, min_tokens, params)
         rows = [self.prompt_ids(p) for p in prompts]
         pixels, sizes = pixel_values(images, self.config.image_size)
         ids, pad = left_pad(rows, self.config.pad_token_id)
         stats = Stats()
-        eos = self.tokenizer.eos_id
         out: list[list[int]] = [[] for _ in rows]
-        finished = ["max_tokens"] * len(rows)
-        decoders = [StreamDecoder(self.tokenizer) for _ in rows]
-        done = np.zeros(len(rows), dtype=bool)
-        steps = 0
-        for tokens, alive in generate_steps(
-            self.backend, ids, pad, lambda: self._features_for(pixels), params, max_tokens, eos,
-            self.vocab_limit, self.context_len, min_tokens, stats,
+        ended = [""] * len(rows)
+        decoders = [StreamDecoder(self.tokenizer, params.stop) for _ in rows]
+        processors = logits_processors(params, rows) + list(processors)
+        for tokens, kept in generate_steps(
+            self.backend, ids, pad, lambda: self._features_for(pixels), params, self.tokenizer.eos_id,
+            self.vocab_limit, self.context_len, stats, processors, ended,
         ):
-            steps += 1
-            for b, t in enumerate(tokens):
-                if done[b]:
-                    continue
-                if not alive[b]:
-                    done[b], finished[b] = True, "eos"
-                    continue
-                out[b].append(int(t))
-                piece = decoders[b].push(int(t))
+            for b in np.flatnonzero(kept):
+                out[b].append(int(tokens[b]))
+                piece = decoders[b].push(int(tokens[b]))
                 if piece:
                     yield b, piece
-        if steps and steps == self.context_len - ids.shape[1] and steps < max_tokens:
-            finished = ["context" if f == "max_tokens" else f for f in finished]
+                if decoders[b].stopped:
+                    ended[b] = "stop"
         results = []
-        for b in range(len(rows)):
+        for b, decoder in enumerate(decoders):
+            piece = decoder.flush()
+            if piece:
+                yield b, piece
             row_stats = Stats(**stats.to_dict())
             row_stats.prompt_tokens, row_stats.generated_tokens = len(rows[b]), len(out[b])
-            results.append(Generation(self.tokenizer.decode(out[b]), out[b], row_stats, sizes[b], finished[b]))
+            results.append(Generation(decoder.text, out[b], row_stats, sizes[b], ended[b]))
         return results
 
     def generate(
-        self, image, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
-        top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_tokens: int = 0,
+        self, image, prompt: str, params: SamplingParams | None = None, *,
+        logits_processors: Sequence[LogitsProcessor] = (), **settings,
     ) -> Generation:
-        params = SamplingParams(temperature, top_p, top_k, seed)
-        return self._run([image], [prompt], max_tokens, min_tokens, params)[0]
+        """The answer to one prompt about one image.
+
+        Settings as keywords (max_tokens, temperature, top_p, top_k, seed, min_tokens,
+        repetition_penalty, stop) or as a SamplingParams (keywords then replace its fields).
+        logits_processors: extra `processor(generated, logits)` callables (see sampling).
+        """
+        params = self.sampling(params, **settings)
+        return self._run([image], [prompt], params, logits_processors)[0]
 
     def stream(
-        self, image, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
-        top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_tokens: int = 0,
+        self, image, prompt: str, params: SamplingParams | None = None, *,
+        logits_processors: Sequence[LogitsProcessor] = (), **settings,
     ) -> Iterator[str]:
         """Text pieces as they come. The generator's return value (and `self.last`) is the Generation."""
-        params = SamplingParams(temperature, top_p, top_k, seed)
-        gen = self._iterate([image], [prompt], max_tokens, min_tokens, params)
+        params = self.sampling(params, **settings)
+        gen = self._iterate([image], [prompt], params, logits_processors)
         while True:
             try:
                 _, piece = next(gen)
@@ -237,18 +230,18 @@ class Model:
         return self.backend.forward_logits(np.array([ids]), self._features_for(pixels), prefix_len)
 
     def generate_batch(
-        self, images: Sequence, prompts: Sequence[str], max_tokens: int = DEFAULT_MAX_TOKENS,
-        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, min_tokens: int = 0,
+        self, images: Sequence, prompts: Sequence[str], params: SamplingParams | None = None, *,
+        logits_processors: Sequence[LogitsProcessor] = (), **settings,
     ) -> list[Generation]:
         """One result per (image, prompt) pair, each the same as `generate` on that pair alone."""
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
         if len(images) != len(prompts):
             raise SettingError(f"generate_batch needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+        params = self.sampling(params, **settings)
         if not images:
             return []
-        params = SamplingParams(temperature, top_p, top_k, seed)
-        return self._run(list(images), list(prompts), max_tokens, min_tokens, params)
+        return self._run(list(images), list(prompts), params, logits_processors)
 
     def load_vae(self, path: str | os.PathLike):
         """Read a mask decoder file onto this model's backend (and device)."""

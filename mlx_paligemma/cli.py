@@ -20,10 +20,11 @@ import os
 import sys
 from pathlib import Path
 
-from .api import BACKENDS, DEFAULT_MAX_TOKENS, DTYPES
+from .api import BACKENDS, DTYPES
 from .checkpoint import DEFAULT_MODEL
 from .errors import OutputError, PaliGemmaError, SettingError
 from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
+from .sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from .shell import DEMO_NOTE, Settings, run_shell
 from .usage import Parser, UsageError
 
@@ -47,6 +48,10 @@ def _shared(p: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--top-p", type=float, default=d(1.0), metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
     g.add_argument("--top-k", type=int, default=d(0), metavar="K", help="sample among the K most likely tokens (default 0: no limit)")
     g.add_argument("--seed", type=int, default=d(0), help="seed of the sampler (default 0)")
+    g.add_argument("--repetition-penalty", type=float, default=d(1.0), metavar="P",
+                   help="> 1 makes ids already in the prompt or answer less likely (default 1: none)")
+    g.add_argument("--stop", action="append", default=d(None), metavar="TEXT",
+                   help="end the answer at this text, which is left out (repeat for several)")
     g.add_argument("--lang", default=d("en"), help="language code of describe, caption and answer (default en)")
     t = p.add_argument_group("detect and segment")
     t.add_argument("--vae", default=d(None), metavar="PATH", help="big_vision's mask decoder for segment (vae-oid.npz or its .safetensors copy; default $PALIGEMMA_VAE, else the one `paligemma download-vae` stored)")
@@ -144,9 +149,12 @@ def _settings(args, image: str | None) -> Settings:
     lang = args.lang.strip()
     if not lang or " " in lang:
         raise SettingError(f"--lang must be a language code like en or fr, got {args.lang!r}")
+    sampling = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=max_tokens,
+        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
+    )
     return Settings(
-        model=args.model, backend=args.backend, dtype=args.dtype, image=image, lang=lang,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=max_tokens, seed=args.seed,
+        model=args.model, backend=args.backend, dtype=args.dtype, image=image, lang=lang, sampling=sampling,
         vae=args.vae, constrain=args.constrain,
     ).validate()
 
@@ -212,19 +220,16 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
     picture = load_image(settings.image)
     model = _load(settings)
     vae = model.mask_decoder() if segmenting else None  # a missing decoder: an error before generating
-    kwargs = dict(
-        max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
-        top_k=settings.top_k, seed=settings.seed,
-    )
-    model.check(prompt, **kwargs)  # a setting or prompt this model cannot take: one error line, nothing else
+    params = settings.sampling
+    model.check(prompt, params)  # a setting or prompt this model cannot take: one error line, nothing else
     if model.is_demo:
         print(DEMO_NOTE, file=sys.stderr)
     elif vae is not None and vae.demo:
         print(f"note: {vae.source} is the demo mask decoder (random weights): its masks mean nothing", file=sys.stderr)
     if args.json:
-        result = model.generate(picture, prompt, **kwargs)
+        result = model.generate(picture, prompt, params)
     else:
-        for piece in model.stream(picture, prompt, **kwargs):
+        for piece in model.stream(picture, prompt, params):
             sys.stdout.write(piece)
             sys.stdout.flush()
         result = model.last

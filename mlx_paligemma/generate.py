@@ -1,19 +1,20 @@
 """The one generation loop, over the backend interface: prefill, then one decode step a token.
 
 It knows token ids and logits, not images or text: stop conditions (eos, max tokens, context
-limit), sampling, per-row finishing in a batch, and the timing figures live here.
+limit), the logits processors and sampling, per-row finishing in a batch, and the timing
+figures live here. Conditions on the text (stop strings) are the caller's: it ends rows.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .backend import Backend
-from .sampling import SamplingParams, sample
+from .sampling import LogitsProcessor, SamplingParams, sample
 
 
 @dataclass
@@ -56,25 +57,32 @@ def generate_steps(
     pad: np.ndarray,
     features: Callable[[], Any],
     params: SamplingParams,
-    max_tokens: int,
     eos_id: int,
     vocab_limit: int,
     context_len: int,
-    min_tokens: int = 0,
     stats: Stats | None = None,
+    processors: Sequence[LogitsProcessor] = (),
+    ended: list[str] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (tokens (B,), alive (B,) bool) per step; a row is dead after its eos (not yielded as alive).
+    """Yield (tokens (B,), kept (B,) bool) per step; kept[b]: the id is part of row b's answer.
 
     `features` is called once, inside the timing, to get the image features on the device.
-    Generation stops at eos (after min_tokens), after max_tokens, or at the context limit.
+    `ended[b]` says why row b ended, "" while it runs. The loop ends a row at eos (allowed after
+    params.min_tokens; the eos id is not kept), after params.max_tokens ("max_tokens") or at the
+    context limit ("context"). Between steps the caller may end a row with a reason of its own
+    (a stop string, a client gone); generation stops when every row has ended.
+    Logits processors (see sampling) run on the host before the choice of each id.
     """
     stats = stats if stats is not None else Stats()
+    ended = ended if ended is not None else [""] * input_ids.shape[0]
     B, T = input_ids.shape
     stats.prompt_tokens = int(T - pad.min())
     stats.backend, stats.device, stats.dtype = backend.name, backend.device, backend.dtype
-    max_tokens = min(max_tokens, context_len - T)
+    max_tokens = min(params.max_tokens, context_len - T)
     rngs = [np.random.default_rng(params.seed) for _ in range(B)]
-    alive = np.ones(B, dtype=bool)
+    generated = np.zeros((B, max_tokens), dtype=np.int64)
+    # greedy without processors chooses on the device: only the ids come to the host
+    on_host = params.temperature > 0 or bool(processors)
     backend.reset_peak_memory()
     start = time.perf_counter()
     feats = features()
@@ -82,31 +90,41 @@ def generate_steps(
     state, logits = backend.prefill(input_ids, feats, pad, prefix_len=T)
     first = None
     for step in range(max_tokens):
-        banned = eos_id if step < min_tokens else None
+        banned = eos_id if step < params.min_tokens else None
         last = step + 1 == max_tokens
         following = None
-        if params.temperature == 0:
+        if on_host:
+            host = backend.to_numpy(logits)[:, :vocab_limit]
+            if banned is not None:
+                host[:, banned] = -np.inf
+            for process in processors:
+                host = process(generated[:, :step], host)
+            tokens = sample(host, params, rngs, vocab_limit)
+        else:
             handle = backend.greedy(logits, vocab_limit, banned)
             if backend.pipelined and step > 0 and not last:
                 # queued before the host waits for the ids (not on the first step, whose id is the
                 # time to first token: building the first decode step may take the host a while)
                 following = backend.decode(state, handle)
             tokens = backend.host_ids(handle)
-        else:
-            host = backend.to_numpy(logits)
-            if banned is not None:
-                host[:, banned] = -np.inf
-            tokens = sample(host, params, rngs, vocab_limit)
         if first is None:
             first = time.perf_counter()
             stats.ttft_s = first - start
-        alive &= tokens != eos_id
-        stats.generated_tokens = step + 1 if alive.any() else step
-        yield tokens, alive.copy()
-        if not alive.any() or last:
+        generated[:, step] = tokens
+        kept = np.array([not ended[b] and tokens[b] != eos_id for b in range(B)])
+        for b in range(B):
+            if not ended[b] and tokens[b] == eos_id:
+                ended[b] = "eos"
+        if kept.any():
+            stats.generated_tokens = step + 1
+        yield tokens, kept
+        if all(ended) or last:
             break
-        # finished rows keep decoding (their outputs are ignored): rows never interact
+        # ended rows keep decoding (their outputs are ignored): rows never interact
         logits = following if following is not None else backend.decode(state, tokens)
+    limit = "context" if max_tokens < params.max_tokens else "max_tokens"
+    for b in range(B):
+        ended[b] = ended[b] or limit
     end = time.perf_counter()
     stats.total_s = end - start
     decoded = max(stats.generated_tokens - 1, 0)

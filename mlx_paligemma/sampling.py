@@ -1,28 +1,78 @@
-"""Sampling: a pure function of float32 logits and an explicit numpy RNG.
+"""Sampling: the settings of one generation, the host-side logits processors, and the sampler.
 
-Sampling on the host from the last position's logits keeps every backend's choices identical
-for the same seed: both hand the same numbers to the same code.
+`SamplingParams` is the one object that carries every generation setting from a surface (API
+keywords, CLI flags, shell commands) through the loop; a new option is a field here, its
+validation, and the code that uses it. The sampler is a pure function of float32 logits and an
+explicit numpy RNG: sampling on the host from the last position's logits keeps every backend's
+choices identical for the same seed, since both hand the same numbers to the same code.
+
+A logits processor is any callable `processor(generated, logits) -> logits` over a batch:
+`generated` (B, t) the ids each row has generated so far, `logits` (B, V) float32 on the host
+(V the real vocabulary). The loop applies the processors in order before the greedy choice or
+the sampler; with none, a greedy step never brings the logits to the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .errors import SettingError
 
+DEFAULT_MAX_TOKENS = 128
+
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
+    """Everything one generation is run with (the image and the prompt aside)."""
 
-    def validate(self) -> "SamplingParams":
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    seed: int = 0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    min_tokens: int = 0  # eos is not allowed before this many tokens
+    repetition_penalty: float = 1.0  # transformers' rule: 1 is none, > 1 penalises ids of the prompt and the answer
+    stop: tuple[str, ...] = ()  # the answer ends with the first of these; the text stops before it
+
+    def __post_init__(self):
+        # one stop string may be given alone, and a list is taken as the tuple it stands for
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    @classmethod
+    def from_settings(cls, params: "SamplingParams | None" = None, **settings) -> "SamplingParams":
+        """`params` (or the defaults) with keyword settings replacing its fields; not yet validated."""
+        if params is None:
+            params = cls()
+        elif not isinstance(params, SamplingParams):
+            raise SettingError(
+                f"sampling settings are a SamplingParams or keywords (max_tokens=..., temperature=...), got {params!r}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise SettingError(f"unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(names))}")
+        return dataclasses.replace(params, **settings)
+
+    def validate(self, context_len: int | None = None) -> "SamplingParams":
+        """Raise a SettingError naming the first setting out of its range; max_tokens within the context when given."""
         t, p, k = self.temperature, self.top_p, self.top_k
+        n = self.max_tokens
+        if context_len is not None and (not _whole(n) or not 1 <= n <= context_len):
+            raise SettingError(f"max_tokens must be a whole number in [1, {context_len}], got {n!r}")
+        if not _whole(n) or n < 1:
+            raise SettingError(f"max_tokens must be a whole number >= 1, got {n!r}")
+        if not _whole(self.min_tokens) or self.min_tokens < 0:
+            raise SettingError(f"min_tokens must be a whole number >= 0, got {self.min_tokens!r}")
         if not _finite_number(t) or t < 0:
             raise SettingError(f"temperature must be a number >= 0 (0 means greedy), got {t!r}")
         if not _finite_number(p) or not 0 < p <= 1:
@@ -31,6 +81,11 @@ class SamplingParams:
             raise SettingError(f"top_k must be a whole number >= 0 (0 means no limit), got {k!r}")
         if not _whole(self.seed) or self.seed < 0:
             raise SettingError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        r = self.repetition_penalty
+        if not _finite_number(r) or r <= 0:
+            raise SettingError(f"repetition_penalty must be a number > 0 (1 means none), got {r!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise SettingError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         return self
 
 
@@ -40,6 +95,32 @@ def _finite_number(v) -> bool:
 
 def _whole(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+class RepetitionPenalty:
+    """transformers' RepetitionPenaltyLogitsProcessor: each id already in the row (its prompt included)
+    has its logit divided by the penalty when positive, multiplied by it when negative."""
+
+    def __init__(self, penalty: float, prompts: Sequence[Sequence[int]]):
+        self.penalty = float(penalty)
+        self.prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
+
+    def __call__(self, generated: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        V = logits.shape[-1]
+        for b, row in enumerate(logits):
+            seen = np.unique(np.concatenate([self.prompts[b], generated[b]]))
+            seen = seen[seen < V]  # `<image>` and the padding rows are not in the host logits
+            x = row[seen]
+            row[seen] = np.where(x < 0, x * self.penalty, x / self.penalty)
+        return logits
+
+
+def logits_processors(params: SamplingParams, prompts: Sequence[Sequence[int]]) -> list[LogitsProcessor]:
+    """The processors the settings ask for, for rows with these prompt ids."""
+    out: list[LogitsProcessor] = []
+    if params.repetition_penalty != 1.0:
+        out.append(RepetitionPenalty(params.repetition_penalty, prompts))
+    return out
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rngs: list[np.random.Generator], vocab_limit: int) -> np.ndarray:

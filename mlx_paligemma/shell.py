@@ -11,7 +11,9 @@ from __future__ import annotations
 import builtins
 import math
 import os
-from dataclasses import dataclass, replace
+import re
+import shlex
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +31,8 @@ COMMANDS = {
     "/top_k": ("N", "sample among the N most likely tokens (0 = no limit)"),
     "/max_tokens": ("N", "most tokens an answer may have, >= 1"),
     "/seed": ("N", "random seed of the sampler, >= 0"),
+    "/repetition_penalty": ("V", "> 1 makes ids already seen less likely (1 = none)"),
+    "/stop": ("TEXT ...", "end answers at these texts (quotes for spaces, \\n for a newline; none: no stop)"),
     "/settings": ("", "show the current settings"),
     "/save": ("PATH", "write the last detection picture (.jpg, .png or .webp)"),
     "/help": ("", "this list"),
@@ -53,28 +57,14 @@ class Settings:
     dtype: str | None = None
     image: str | None = None
     lang: str = "en"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 128
-    seed: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     vae: str | None = None  # mask decoder file for segment (None: found when first needed)
     constrain: bool = True  # detect/segment answers follow the objects' grammar
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
-
     def validate(self) -> "Settings":
         """The checks the API makes, done before a model is loaded; raises SettingError."""
-        self.sampling().validate()
-        check_max_tokens(self.max_tokens)
+        self.sampling.validate()
         return self
-
-
-def check_max_tokens(n) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise SettingError(f"max_tokens must be a whole number >= 1, got {n!r}")
-    return n
 
 
 def history_path() -> Path:
@@ -143,16 +133,18 @@ class Shell:
         self.print("  anything else is sent as a prompt about the current image; Ctrl-C stops an answer")
 
     def show_settings(self) -> None:
-        s = self.settings
+        s, p = self.settings, self.settings.sampling
         backend = getattr(getattr(self.model, "backend", None), "name", s.backend)
         self.print(f"  model        {s.model}")
         self.print(f"  backend      {backend}")
         self.print(f"  image        {s.image or '(none: set one with /image PATH)'}")
-        self.print(f"  temperature  {s.temperature:g}")
-        self.print(f"  top_p        {s.top_p:g}")
-        self.print(f"  top_k        {s.top_k}")
-        self.print(f"  max_tokens   {s.max_tokens}")
-        self.print(f"  seed         {s.seed}")
+        self.print(f"  temperature  {p.temperature:g}")
+        self.print(f"  top_p        {p.top_p:g}")
+        self.print(f"  top_k        {p.top_k}")
+        self.print(f"  max_tokens   {p.max_tokens}")
+        self.print(f"  seed         {p.seed}")
+        self.print(f"  repetition_penalty {p.repetition_penalty:g}")
+        self.print(f"  stop         {_shown(p.stop)}")
 
     def prompt_text(self) -> str:
         name = Path(self.settings.image).name if self.settings.image else "no image"
@@ -201,19 +193,17 @@ class Shell:
             self.print(f"unknown command {word}; /help lists the commands")
 
     def set(self, name: str, arg: str) -> None:
-        old = getattr(self.settings, name)
+        old = getattr(self.settings.sampling, name)
         try:
             value = SETTERS["/" + name](arg)
-            candidate = replace(self.settings, **{name: value})
-            candidate.validate()
-            limit = getattr(self.model, "context_len", None)
-            if name == "max_tokens" and limit and value > limit:
-                raise SettingError(f"max_tokens must be at most the model's context, {limit}; got {value}")
+            candidate = replace(self.settings.sampling, **{name: value})
+            # the model's context bounds max_tokens; a generation reports any other setting it cannot take
+            candidate.validate(getattr(self.model, "context_len", None) if name == "max_tokens" else None)
         except SettingError as e:
-            self.print(f"error: {e}; {name} stays {old}")
+            self.print(f"error: {e}; {name} stays {_shown(old)}")
             return
-        self.settings = candidate
-        self.print(f"{name} = {value}")
+        self.settings = replace(self.settings, sampling=candidate)
+        self.print(f"{name} = {_shown(candidate.stop) if name == 'stop' else value}")
 
     def save(self, arg: str) -> None:
         from .image import save_image_atomic
@@ -230,11 +220,7 @@ class Shell:
         if self.image is None:
             self.print("no image yet: choose one with /image PATH first")
             return
-        s = self.settings
-        pieces = self.model.stream(
-            self.image, prompt, max_tokens=s.max_tokens, temperature=s.temperature,
-            top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-        )
+        pieces = self.model.stream(self.image, prompt, params=self.settings.sampling)
         try:
             for piece in pieces:
                 self.print(piece, end="", flush=True)
@@ -277,12 +263,32 @@ def _whole(arg: str) -> int:
         raise SettingError(f"expected a whole number, got {arg!r}") from None
 
 
+def _strings(arg: str) -> tuple[str, ...]:
+    """Words or quoted texts; `\\n` and `\\t` stand for a newline and a tab (a prompt line cannot hold them)."""
+    lexer = shlex.shlex(arg, posix=True)
+    lexer.whitespace_split, lexer.escape = True, ""
+    try:
+        words = list(lexer)
+    except ValueError as e:
+        raise SettingError(f"expected words or quoted texts ({str(e).lower()})") from None
+    return tuple(re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]), w) for w in words)
+
+
+def _shown(value) -> str:
+    """A setting as /settings shows it: stop strings quoted (a newline as \\n), (none) when there are none."""
+    if isinstance(value, tuple):
+        return " ".join(repr(s) for s in value) or "(none)"
+    return str(value)
+
+
 SETTERS = {
     "/temperature": _number,
     "/top_p": _number,
     "/top_k": _whole,
     "/max_tokens": _whole,
     "/seed": _whole,
+    "/repetition_penalty": _number,
+    "/stop": _strings,
 }
 
 DEMO_NOTE = (

@@ -87,17 +87,49 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete characters."""
+    """Turns a growing list of token ids into text pieces, for one answer.
 
-    def __init__(self, tokenizer: Tokenizer):
+    Held back until more ids come: an incomplete character, and text that may be the start of a
+    stop string. Once the text holds a stop string it ends right before it (`stopped` is True).
+    The pieces, with `flush()` at the end, add up to `text`, the whole answer.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        self.stop = tuple(stop)
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # what has been given out so far
+        self.stopped = False
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.stopped:
+            return ""
         text = self.tokenizer.decode(self.ids)
+        cut = first_stop(text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            return self._give(text[:cut])
         if text.endswith("\ufffd"):
             return ""  # a byte-fallback character not yet complete
+        return self._give(text[: len(text) - partial_stop(text, self.stop)])
+
+    def flush(self) -> str:
+        """What is still held back, at the end of the answer."""
+        return "" if self.stopped else self._give(self.tokenizer.decode(self.ids))
+
+    def _give(self, text: str) -> str:
+        # sentencepiece decoding is append-only (no dummy prefix, whitespace kept): text extends self.text
         piece, self.text = text[len(self.text):], text
         return piece
+
+
+def first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in text, or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def partial_stop(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest end of text that is the start of a stop string (0 if none)."""
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)

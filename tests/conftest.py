@@ -180,15 +180,20 @@ class Oracle:
                              attention_mask=torch.ones_like(ids))
         return out.logits[0].float().numpy()
 
-    def greedy(self, image, prompt: str, n: int) -> list[int]:
-        """n greedy ids, eos suppressed (min_new_tokens) and never a padding row of the embedding."""
+    def greedy(self, image, prompt: str, n: int, **settings) -> list[int]:
+        """At most n greedy ids, eos suppressed (min_new_tokens) and never a padding row of the embedding.
+
+        settings: more of generate's arguments (repetition_penalty, stop_strings, ...).
+        """
         import torch
 
         inputs = self.inputs(image, prompt)
         pad_rows = list(range(self.fixture.real_vocab, self.model.config.text_config.vocab_size))
+        if "stop_strings" in settings:
+            settings["tokenizer"] = self.processor.tokenizer
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      suppress_tokens=pad_rows)
+                                      suppress_tokens=pad_rows, **settings)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 

@@ -149,9 +149,31 @@ def test_options_before_and_after_the_command_and_lang(photo):
     assert out["prompt"] == "describe fr" and len(out["token_ids"]) == 3
 
 
+@pytest.fixture(scope="module")
+def penalised_stop(demo_model, photo):
+    """Settings with a repetition penalty and a stop string that cuts the demo model's caption short."""
+    kw = dict(max_tokens=10, repetition_penalty=1.4)
+    text = demo_model.generate(photo, "caption en", **kw).text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip() and text.index(stop) > 0, text
+    return dict(kw, stop=[stop, "\n"])
+
+
+def test_stop_and_repetition_penalty_flags(photo, demo_model, penalised_stop):
+    kw = penalised_stop
+    proc = run_cli("caption", photo, *DEMO, "--max-tokens", kw["max_tokens"], "--repetition-penalty",
+                   kw["repetition_penalty"], "--stop", kw["stop"][0], "--stop", "\n", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    expected = demo_model.generate(photo, "caption en", **kw)
+    assert expected.finished_by == "stop" and kw["stop"][0] not in expected.text
+    assert (out["text"], out["token_ids"], out["finished_by"]) == (expected.text, expected.token_ids, "stop")
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
+        (["caption", "{photo}", "--repetition-penalty", "0", "--model", "/no/such/model"], "repetition_penalty"),
         (["caption", "no-such-image.jpg", *DEMO], "no such image file"),
         (["caption", "{photo}", "--temperature", "-1", "--model", "/no/such/model"], "temperature"),
         (["caption", "{photo}", "--top-p", "2", "--model", "/no/such/model"], "top_p"),
@@ -249,7 +271,7 @@ def test_shell_settings_prompts_and_history(photo, history, demo_model):
         "exit\n"
         "caption\n"  # after exit: never run
     )
-    code, text = drive(keys, Settings(model="demo", backend="mlx", max_tokens=5))
+    code, text = drive(keys, Settings(model="demo", backend="mlx", sampling=pg.SamplingParams(max_tokens=5)))
     assert code == 0
     start, after = text.split("no image yet", 1)
     assert "/image PATH" in start and "temperature  0" in start and "max_tokens   5" in start
@@ -267,6 +289,23 @@ def test_shell_settings_prompts_and_history(photo, history, demo_model):
     assert "unknown command /nonsense" in text
     typed = [line[1:] for line in history.read_text().splitlines() if line.startswith("+")]
     assert typed == [line for line in keys.splitlines()][:11]
+
+
+def test_shell_stop_and_repetition_penalty(photo, history, demo_model, penalised_stop):
+    kw = penalised_stop
+    keys = (
+        f"/image {photo}\n/repetition_penalty 0\n/repetition_penalty {kw['repetition_penalty']}\n"
+        f"/stop \"{kw['stop'][0]}\" \\n\n/stop \"open\n/settings\ncaption\n/stop\n/settings\n"
+    )
+    code, text = drive(keys, Settings(model="demo", backend="mlx", sampling=pg.SamplingParams(max_tokens=kw["max_tokens"])))
+    assert code == 0
+    assert "repetition_penalty must be a number > 0" in text and "repetition_penalty stays 1.0" in text
+    assert "no closing quotation" in text
+    shown = f"stop         {kw['stop'][0]!r} '\\n'\n"
+    assert f"repetition_penalty = {kw['repetition_penalty']}" in text and shown in text
+    answer = demo_model.generate(photo, "caption en", **kw)
+    assert answer.text + f"\n{len(answer.token_ids)} tokens in " in text
+    assert text.rstrip().endswith("stop         (none)")
 
 
 def test_shell_detect_then_save(photo, history, detecting_seed, tmp_path):
@@ -328,9 +367,9 @@ def test_completion_of_commands_and_image_paths(photo):
 
 def test_task_prompts_and_detail():
     parse = cli.build_parser().parse_args
-    assert cli._settings(parse(["describe", "x.jpg", "--detail"]), "x.jpg").max_tokens == cli.DETAIL_MAX_TOKENS
-    assert cli._settings(parse(["describe", "x.jpg", "--detail", "--max-tokens", "9"]), "x.jpg").max_tokens == 9
-    assert cli._settings(parse(["caption", "x.jpg"]), "x.jpg").max_tokens == pg.api.DEFAULT_MAX_TOKENS
+    assert cli._settings(parse(["describe", "x.jpg", "--detail"]), "x.jpg").sampling.max_tokens == cli.DETAIL_MAX_TOKENS
+    assert cli._settings(parse(["describe", "x.jpg", "--detail", "--max-tokens", "9"]), "x.jpg").sampling.max_tokens == 9
+    assert cli._settings(parse(["caption", "x.jpg"]), "x.jpg").sampling.max_tokens == pg.sampling.DEFAULT_MAX_TOKENS
     args = parse(["--lang", "de", "answer", "x.jpg", "wie", "viele?"])
     assert (args.model, args.backend) == ("google/paligemma2-3b-mix-224", "auto")
     assert " ".join(args.question) == "wie viele?" and args.lang == "de"

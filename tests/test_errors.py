@@ -205,6 +205,9 @@ BAD_SAMPLING = [
     ("max_tokens", 2.0, "[1, 8192]"), ("max_tokens", True, "[1, 8192]"), ("max_tokens", None, "[1, 8192]"),
     ("max_tokens", float("inf"), "[1, 8192]"),
     ("seed", -1, ">= 0"), ("seed", 1.5, ">= 0"), ("min_tokens", -1, ">= 0"),
+    ("repetition_penalty", 0, "> 0"), ("repetition_penalty", -1.2, "> 0"), ("repetition_penalty", float("nan"), "> 0"),
+    ("repetition_penalty", "1.2", "> 0"), ("stop", [""], "non-empty strings"), ("stop", [3], "non-empty strings"),
+    ("stop", 3, "non-empty strings"),
 ]
 
 

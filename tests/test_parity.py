@@ -8,6 +8,7 @@ forward, 32 greedy ids, and a batch of two against each pair alone.
 from __future__ import annotations
 
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -217,3 +218,60 @@ def test_mlx_standard_weight_layout_matches_transformers_too(name, checkpoints, 
         assert rel_diff(model.logits(image, "caption en"), ref) <= 1e-4
     runs = [m.generate(image, "caption en", max_tokens=12, min_tokens=12).token_ids for m in layouts.values()]
     assert runs[0] == runs[1]
+
+
+# ---- sampling settings against transformers' generate ----
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["pg2", "pg1"])
+@pytest.mark.parametrize("penalty", [1.5, 0.7])
+def test_repetition_penalty_ids_equal_transformers(backend, name, penalty, oracles, models):
+    oracle, model = oracles(name), models(backend, name)
+    image = make_image(12)
+    ref = oracle.greedy(image, "caption en", 24, repetition_penalty=penalty)
+    out = model.generate(image, "caption en", max_tokens=24, min_tokens=24, repetition_penalty=penalty)
+    assert out.token_ids == ref
+    # the penalty changed the answer: the test would notice it being ignored
+    assert ref != model.generate(image, "caption en", max_tokens=24, min_tokens=24).token_ids
+
+
+def _stop_strings(model, image, prompt: str, **settings) -> tuple[list[int], list[str]]:
+    """The ids of 24 tokens, and stop strings cut from the middle of their text (letters only)."""
+    ids = model.generate(image, prompt, max_tokens=24, min_tokens=24, **settings).token_ids
+    text = model.tokenizer.decode(ids)
+    words = [w for w in re.findall(r"[a-z]{3,}", text[8:]) if w not in text[:8]]
+    assert words, text
+    return ids, [words[0][1:], words[-1] + "q"]  # the second never appears
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["pg2", "pg1"])
+def test_stop_strings_ids_equal_transformers(backend, name, oracles, models):
+    oracle, model = oracles(name), models(backend, name)
+    image = make_image(13)
+    plain, stops = _stop_strings(model, image, "caption en")
+    ref = oracle.greedy(image, "caption en", 24, stop_strings=stops)
+    out = model.generate(image, "caption en", max_tokens=24, min_tokens=24, stop=stops)
+    assert out.token_ids == ref and len(ref) < len(plain) and out.finished_by == "stop"
+    # the text ends right before the stop string; transformers' answer holds it, ours leaves it out
+    full = model.tokenizer.decode(ref)
+    assert out.text == full[: full.index(stops[0])] and stops[0] not in out.text
+    streamed = "".join(model.stream(image, "caption en", max_tokens=24, min_tokens=24, stop=stops))
+    assert streamed == out.text and model.last.token_ids == ref
+    # a stop string that never comes changes nothing
+    never = model.generate(image, "caption en", max_tokens=24, min_tokens=24, stop=[stops[1]])
+    assert never.token_ids == plain and never.finished_by == "max_tokens"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_rows_keep_their_own_penalty_and_stop(backend, models):
+    model = models(backend, "pg2_window")
+    images = [make_image(14), make_image(15, 30, 90)]
+    prompts = ["caption en", "answer en what colour is the sky?"]  # different lengths: left padding
+    _, stops = _stop_strings(model, images[1], prompts[1], repetition_penalty=1.3)
+    kw = dict(max_tokens=24, min_tokens=24, repetition_penalty=1.3, stop=stops)
+    batch = model.generate_batch(images, prompts, **kw)
+    alone = [model.generate(im, p, **kw) for im, p in zip(images, prompts)]
+    assert [(b.token_ids, b.text, b.finished_by) for b in batch] == [(a.token_ids, a.text, a.finished_by) for a in alone]
+    assert batch[1].finished_by == "stop"

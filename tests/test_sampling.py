@@ -1,0 +1,109 @@
+"""Sampling settings as one object, the logits-processor hook of the loop, and stop strings in a stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx_paligemma as pg
+from mlx_paligemma.sampling import RepetitionPenalty
+from mlx_paligemma.tokenizer import StreamDecoder
+
+IMAGE = np.asarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3)), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return pg.load("demo", backend="torch", dtype="float32")
+
+
+class Pieces:
+    """A tokenizer whose ids stand for fixed pieces of text (all StreamDecoder asks of one)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def stream(pieces, stop, ids=None):
+    decoder = StreamDecoder(Pieces(pieces), tuple(stop))
+    shown = [decoder.push(i) for i in (ids if ids is not None else range(len(pieces)))]
+    return shown, decoder.flush(), decoder
+
+
+def test_a_possible_start_of_a_stop_string_is_held_back_then_given_out():
+    shown, rest, d = stream(["a c", "ar", " and"], ["cat"])
+    assert shown == ["a ", "car", " and"] and rest == "" and d.text == "a car and" and not d.stopped
+
+
+def test_the_text_ends_right_before_the_first_stop_string():
+    shown, rest, d = stream(["the ", "ca", "t sat", " on"], ["sat", "cat"])
+    assert shown == ["the ", "", "", ""] and d.stopped and d.text == "the " and rest == ""
+    shown, rest, d = stream(["one\n", "two"], ["\n"])
+    assert shown == ["one", ""] and d.text == "one"
+
+
+def test_held_back_text_comes_at_the_end():
+    shown, rest, d = stream(["x", "ca"], ["cat"])
+    assert shown == ["x", ""] and rest == "ca" and d.text == "xca"
+    _, _, d = stream(["\ufffd"], [])  # an incomplete character at the very end is still part of the answer
+    assert d.text == "\ufffd"
+
+
+def test_repetition_penalty_equals_transformers_processor():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (2, 50)).astype(np.float32)
+    prompts = [[3, 7, 60, 7], [1]]  # 60: past the host logits (like `<image>`), ignored
+    generated = np.array([[9, 3], [4, 4]])
+    ours = RepetitionPenalty(1.7, prompts)(generated, logits.copy())
+    for b in range(2):
+        seq = torch.tensor([[i for i in prompts[b] if i < 50] + generated[b].tolist()])
+        ref = RepetitionPenaltyLogitsProcessor(1.7)(seq, torch.from_numpy(logits[b : b + 1].copy()))
+        np.testing.assert_array_equal(ours[b], ref[0].numpy())
+    assert not np.array_equal(ours, logits)
+
+
+def test_settings_as_an_object_or_keywords(model):
+    params = pg.SamplingParams(max_tokens=6, temperature=1.3, top_k=20, seed=4, repetition_penalty=1.2)
+    a = model.generate(IMAGE, "caption en", params)
+    b = model.generate(IMAGE, "caption en", max_tokens=6, temperature=1.3, top_k=20, seed=4, repetition_penalty=1.2)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 6
+    # keywords replace the object's fields
+    c = model.generate(IMAGE, "caption en", params, seed=5)
+    d = model.generate(IMAGE, "caption en", max_tokens=6, temperature=1.3, top_k=20, seed=5, repetition_penalty=1.2)
+    assert c.token_ids == d.token_ids != a.token_ids
+    batch = model.generate_batch([IMAGE, IMAGE], ["caption en", "ocr"], params)
+    assert batch[0].token_ids == a.token_ids
+    with pytest.raises(pg.SettingError, match="unknown setting 'temprature'"):
+        model.generate(IMAGE, "caption en", temprature=1.0)
+    with pytest.raises(pg.SettingError, match="a SamplingParams or keywords"):
+        model.generate(IMAGE, "caption en", 32)
+
+
+def test_logits_processors_see_the_ids_so_far_and_their_choice_holds(model, monkeypatch):
+    seen = []
+    banned = model.generate(IMAGE, "caption en", max_tokens=8, min_tokens=8).token_ids[3]
+
+    def ban(generated, logits):
+        seen.append(generated.copy())
+        logits[:, banned] = -np.inf
+        return logits
+
+    out = model.generate(IMAGE, "caption en", max_tokens=8, min_tokens=8, logits_processors=[ban])
+    assert banned not in out.token_ids and len(seen) == 8
+    assert all(s.shape == (1, t) and s[0].tolist() == out.token_ids[:t] for t, s in enumerate(seen))
+
+
+def test_greedy_without_processors_never_brings_logits_to_the_host(model, monkeypatch):
+    calls = []
+    to_numpy = model.backend.to_numpy
+    monkeypatch.setattr(model.backend, "to_numpy", lambda x: calls.append(1) or to_numpy(x))
+    model.generate(IMAGE, "caption en", max_tokens=5, min_tokens=5)
+    assert calls == []
+    model.generate(IMAGE, "caption en", max_tokens=5, min_tokens=5, repetition_penalty=1.1)
+    assert len(calls) == 5
