@@ -59,11 +59,14 @@ def load(
     quantize: int | None = None,
     group_size: int = 64,
     vae: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> "Model":
     """Load a PaliGemma checkpoint (folder or Hugging Face repo id; `demo` for the built-in one).
 
     vae: big_vision's mask decoder file for `segment` (vae-oid.npz or its safetensors copy); read
     now when given, else found when first needed ($PALIGEMMA_VAE, `paligemma download-vae`).
+    adapter: a LoRA adapter folder in PEFT's layout (ours from `paligemma finetune`, or PEFT's),
+    applied on top of the (possibly quantized) weights.
     """
     chosen = pick_backend(backend)
     if dtype is not None and dtype not in DTYPES:
@@ -98,6 +101,8 @@ def load(
     model = Model(engine, tokenizer, source=str(path_or_repo))
     if vae is not None:
         model.vae = model.load_vae(vae)
+    if adapter is not None:
+        model.load_adapter(adapter)
     return model
 
 
@@ -109,10 +114,48 @@ class Model:
         self.source = source
         self.is_demo = self.config.demo
         self.last: Generation | None = None
+        self.adapter = None  # the LoRA config (adapter.LoraConfig) when LoRA layers are on
         self._features: OrderedDict[bytes, object] = OrderedDict()
         self.vocab_limit = min(tokenizer.vocab_size, self.config.text.vocab_size)
         self.context_len = self.config.text.max_position_embeddings
         self.vae = None  # the mask decoder, loaded by the first segment() unless given to load()
+
+    def load_adapter(self, folder: str | os.PathLike) -> None:
+        """Apply a LoRA adapter folder (PEFT's layout) to this model's text decoder."""
+        from .adapter import check_fits, read_adapter
+        from .checkpoint import expected_shapes
+
+        config, weights = read_adapter(folder)
+        check_fits(weights, expected_shapes(self.config))
+        self.backend.add_lora(config, weights)
+        self.adapter = config
+        self._features.clear()
+
+    def add_lora(self, config, seed: int = 0) -> None:
+        """New LoRA layers (PEFT's initialisation: B = 0, so the model is unchanged until trained)."""
+        from .adapter import init_weights
+        from .checkpoint import expected_shapes
+
+        config.validate()
+        shapes = expected_shapes(self.config)
+        paths = config.module_paths(self.config.text.num_hidden_layers)
+        self.backend.add_lora(config, init_weights(config, {p: shapes[p + ".weight"] for p in paths}, seed))
+        self.adapter = config
+
+    def loss(self, image, prompt: str, suffix: str) -> float:
+        """PaliGemma's training loss: mean cross-entropy of the suffix tokens and the closing eos.
+
+        The prefix (image, bos, prompt, newline) attends bidirectionally and is not predicted; the
+        suffix attends causally. Equal to transformers' loss with the labels of its processor.
+        """
+        return self.loss_batch([image], [prompt], [suffix])
+
+    def loss_batch(self, images: Sequence, prompts: Sequence[str], suffixes: Sequence[str]) -> float:
+        """The loss of a batch: the mean over every suffix token (and eos) of every row, as transformers."""
+        from .training import make_batch
+
+        total, count = self.backend.loss_sums(make_batch(self, list(images), list(prompts), list(suffixes)))
+        return total / count
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):

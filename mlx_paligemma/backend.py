@@ -90,6 +90,47 @@ class Backend(ABC):
     def reset_peak_memory(self) -> None:
         pass
 
+    # fine-tuning: LoRA layers on the text decoder (adapter.py), the loss and a trainer (training.py)
+
+    @abstractmethod
+    def add_lora(self, config, weights: dict[str, np.ndarray]) -> None:
+        """Wrap the layers config.targets names with LoRA layers holding `weights` (canonical names)."""
+
+    @abstractmethod
+    def lora_weights(self) -> dict[str, np.ndarray]:
+        """The LoRA weights as float32 numpy, by canonical name."""
+
+    @abstractmethod
+    def loss_sums(self, batch) -> tuple[float, int]:
+        """(sum of the cross-entropy over the batch's target tokens, their count), no gradients."""
+
+    @abstractmethod
+    def trainer(self, lr: float, weight_decay: float = 0.0) -> "Trainer":
+        """An AdamW trainer of the LoRA weights (add_lora first)."""
+
+
+class Trainer(ABC):
+    """Gradients of the summed loss, accumulated over micro-batches, then one AdamW step on their mean."""
+
+    @abstractmethod
+    def accumulate(self, batch) -> tuple[float, int]:
+        """Add the gradient of the batch's summed loss; return (loss sum, target tokens)."""
+
+    @abstractmethod
+    def update(self, count: int) -> None:
+        """One optimizer step with the accumulated gradient divided by `count`; clears the gradient."""
+
+    @abstractmethod
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradient by canonical name (float32), for tests."""
+
+    @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """The optimizer's moments and step, as numpy, to resume from."""
+
+    @abstractmethod
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
+
 
 def attention_masks(
     pad: np.ndarray, start: int, length: int, total: int, prefix_len: int, window: int | None
@@ -120,6 +161,26 @@ def attention_masks(
     else:
         masks["sliding"] = masks["full"]
     return masks
+
+
+def training_masks(prefix_lens: np.ndarray, lengths: np.ndarray, total: int, window: int | None) -> dict[str, np.ndarray]:
+    """Boolean masks (B, 1, total, total) of right-padded training rows, True where a query may attend.
+
+    Row b holds prefix_lens[b] prefix tokens (bidirectional, as in `attention_masks`), then its
+    suffix (causal), then padding from lengths[b]: padding keys are never attended, and a padding
+    query attends to itself only.
+    """
+    q = np.arange(total)[:, None]
+    k = np.arange(total)[None, :]
+    P, L = prefix_lens[:, None, None], lengths[:, None, None]
+    block = (q[None] < P) & (k[None] < P)
+    causal = (k <= q)[None]
+    is_pad_q = q[None] >= L
+    keep = (k[None] < L) & ~is_pad_q
+    own = is_pad_q & (k == q)[None]
+    masks = {"full": ((causal | block) & keep) | own}
+    masks["sliding"] = masks["full"] if window is None else (((causal & (q - k < window)[None]) | block) & keep) | own
+    return {name: m[:, None] for name, m in masks.items()}
 
 
 def peak_rss_bytes() -> int:

@@ -10,6 +10,7 @@ import numpy as np
 from ..backend import Backend, State, attention_masks
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import CheckpointError, SettingError
+from . import lora
 from .cache import KVCache, make_cache
 from .gemma import Embedding, Linear
 from .paligemma import PaliGemma
@@ -199,6 +200,25 @@ class MLXBackend(Backend):
     def forward_logits(self, input_ids, features, prefix_len):
         pad = np.zeros(input_ids.shape[0], dtype=np.int64)
         return _to_numpy(self._forward(input_ids, features, pad, prefix_len, None, last_only=False)[0])
+
+    def add_lora(self, config, weights) -> None:
+        lora.add_lora(self.model, config, weights)
+        self.recompile()
+
+    def recompile(self) -> None:
+        """A compiled step holds the weights it was traced with: trace it again after they change."""
+        self._decode_step = mx.compile(self._decode_graph)
+
+    def lora_weights(self) -> dict[str, np.ndarray]:
+        return lora.lora_weights(self.model)
+
+    def loss_sums(self, batch) -> tuple[float, int]:
+        self.model.eval()
+        loss, n = lora.loss_sums(self, self.model, batch)
+        return float(loss), n
+
+    def trainer(self, lr: float, weight_decay: float = 0.0) -> lora.MLXTrainer:
+        return lora.MLXTrainer(self, lr, weight_decay)
 
     def peak_memory(self) -> int:
         return int(mx.get_peak_memory())

@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import CheckpointError, SettingError
 from .cache import make_cache
 from .paligemma import PaliGemma
-from . import cpu_kernels
+from . import cpu_kernels, lora
 from .quantize import QuantizedEmbedding, QuantizedLinear, int8_per_channel, mlx_dequantize, mlx_unpack, use_int8_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,7 +132,8 @@ class TorchBackend(Backend):
         with torch.device("meta"):
             self.model = PaliGemma(self.config)
         self._quantized = {p for p, m in self.model.named_modules() if quantize and quantizable(p, m)}
-        with torch.inference_mode():
+        # no_grad, not inference_mode: inference tensors could not be saved for a LoRA backward pass
+        with torch.no_grad():
             self._load(checkpoint, bool(stored_q))
         self.model.eval()
         self.kernels = self._device.type == "cpu" and not cpu_has_fast_bf16() and cpu_kernels.available()
@@ -283,6 +284,24 @@ class TorchBackend(Backend):
 
     def _ids(self, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self._device)
+
+    def add_lora(self, config, weights) -> None:
+        lora.add_lora(self.model, config, weights)
+
+    def lora_weights(self) -> dict[str, np.ndarray]:
+        return lora.lora_weights(self.model)
+
+    def loss_sums(self, batch) -> tuple[float, int]:
+        self.model.eval()
+        with torch.no_grad():
+            loss, n = lora.loss_sums(self, batch)
+        return float(loss), n
+
+    def trainer(self, lr: float, weight_decay: float = 0.0) -> lora.TorchTrainer:
+        if any(isinstance(m, cpu_kernels.KernelLinear) for m in self.model.modules()):
+            # the streaming kernels have no backward pass
+            raise SettingError("training on this CPU (bfloat16 emulated) needs dtype float32")
+        return lora.TorchTrainer(self, lr, weight_decay)
 
     def peak_memory(self) -> int:
         if self._device.type == "cuda":
