@@ -43,6 +43,7 @@ def _shared(p: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--model", default=d(DEFAULT_MODEL), help=f"checkpoint folder or repo id (default {DEFAULT_MODEL}; `demo` = a tiny random-weight model)")
     g.add_argument("--backend", choices=BACKENDS, default=d("auto"), help="mlx, torch or auto (default auto: mlx on Apple silicon, torch elsewhere)")
     g.add_argument("--dtype", choices=DTYPES, default=d(None), help="compute dtype (default: the backend's)")
+    g.add_argument("--adapter", default=d(None), metavar="DIR", help="a LoRA adapter folder (PEFT's layout, e.g. from paligemma finetune)")
     g.add_argument("--max-tokens", type=int, default=d(None), metavar="N", help=f"most tokens in the answer (default {DEFAULT_MAX_TOKENS})")
     g.add_argument("--temperature", type=float, default=d(0.0), metavar="T", help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=d(1.0), metavar="P", help="nucleus sampling mass in (0, 1] (default 1)")
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="measure speed (see paligemma bench --help)", add_help=False)
     sub.add_parser("download-vae", help="fetch big_vision's mask decoder for segment (see paligemma download-vae --help)", add_help=False)
     sub.add_parser("convert-vae", help="copy a mask decoder file to safetensors (see paligemma convert-vae --help)", add_help=False)
+    sub.add_parser("finetune", help="train a LoRA adapter on a JSONL of examples (see paligemma finetune --help)", add_help=False)
+    sub.add_parser("merge", help="merge a LoRA adapter into a plain checkpoint folder (see paligemma merge --help)", add_help=False)
     return parser
 
 
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(argv[1:])
         if argv and argv[0] in ("download-vae", "convert-vae"):
             return _vae_command(argv[0], argv[1:])
+        if argv and argv[0] in ("finetune", "merge"):
+            from . import finetune
+
+            return (finetune.main if argv[0] == "finetune" else finetune.merge_main)(argv[1:])
         return _run(build_parser().parse_args(argv))
     except UsageError as e:
         return _fail(f"{e} (see paligemma --help)")
@@ -154,14 +161,15 @@ def _settings(args, image: str | None) -> Settings:
         repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
     )
     return Settings(
-        model=args.model, backend=args.backend, dtype=args.dtype, image=image, lang=lang, sampling=sampling,
+        model=args.model, backend=args.backend, dtype=args.dtype, adapter=args.adapter, image=image, lang=lang,
+        sampling=sampling,
         vae=args.vae, constrain=args.constrain,
     ).validate()
 
 
 def _run(args) -> int:
     command = args.command
-    if command in ("convert", "bench", "download-vae", "convert-vae"):  # only reached when options come before the name
+    if command in ("convert", "bench", "download-vae", "convert-vae", "finetune", "merge"):  # only reached when options come before the name
         raise UsageError(f"put `{command}` first: paligemma {command} ...")
     free = args.free_image is not None or args.free_prompt is not None
     if free and command not in (None, "chat"):
@@ -192,7 +200,7 @@ def _load(settings: Settings):
     from . import api
 
     try:
-        return api.load(settings.model, backend=settings.backend, dtype=settings.dtype, vae=settings.vae)
+        return api.load(settings.model, backend=settings.backend, dtype=settings.dtype, vae=settings.vae, adapter=settings.adapter)
     except ImportError as e:
         # a backend whose framework is not installed here
         raise SettingError(f"the {api.pick_backend(settings.backend)} backend cannot start: {e}") from None

@@ -55,6 +55,7 @@ class Settings:
     model: str = "google/paligemma2-3b-mix-224"
     backend: str = "auto"
     dtype: str | None = None
+    adapter: str | None = None  # a LoRA adapter folder
     image: str | None = None
     lang: str = "en"
     sampling: SamplingParams = field(default_factory=SamplingParams)

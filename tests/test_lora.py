@@ -173,3 +173,176 @@ def test_adapters_cross_between_us_and_peft(checkpoints, oracles, tmp_path, back
     merge(fixture.folder, tmp_path / "peft", tmp_path / "merged")
     merged = pg.load(tmp_path / "merged", backend=backend, dtype="float32")
     np.testing.assert_allclose(merged.logits(image, prompt, suffix_ids), want, atol=2e-4, rtol=0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny training steps on a shared 2-core machine: one thread is several times faster than two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# colour -> (RGB, box x0, y0, x1, y1): the box the model must learn to answer for that colour of square
+SQUARES = {"red": ((220, 30, 30), (10, 8, 40, 30)), "green": ((30, 200, 40), (50, 30, 90, 70)),
+           "blue": ((30, 40, 220), (20, 50, 70, 95))}
+
+
+def square_examples(folder, seeds):
+    """`detect square` rows: a coloured square on grey noise, its box (by colour) as the target."""
+    from PIL import Image
+
+    from mlx_paligemma.training import Example, detect_example
+
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for colour, (rgb, (x0, y0, x1, y1)) in SQUARES.items():
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            a = rng.integers(100, 156, (100, 100, 3))
+            a[y0:y1, x0:x1] = np.array(rgb) + rng.integers(-20, 20, (y1 - y0, x1 - x0, 3))
+            path = folder / f"{colour}-{seed}.png"
+            Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(path)
+            prefix, suffix = detect_example([[x0, y0, x1 - x0, y1 - y0]], ["square"], 100, 100)
+            rows.append(Example(str(path), prefix, suffix))
+    return rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_learns_a_task(checkpoints, tmp_path, backend, one_torch_thread):
+    """200 steps on 12 images: the loss falls and greedy answers on 6 held-out images are the targets."""
+    from mlx_paligemma.detection import parse_detections
+    from mlx_paligemma.training import TrainSettings, train
+
+    train_rows, held = square_examples(tmp_path / "img", range(4)), square_examples(tmp_path / "img", (100, 101))
+    model = pg.load(checkpoints["pg2"].folder, backend=backend, dtype="float32")
+    config = LoraConfig(r=8, alpha=16.0)
+    model.add_lora(config)
+
+    def held_out():
+        loss = model.loss_batch([e.image for e in held], [e.prefix for e in held], [e.suffix for e in held])
+        answers = [model.generate(e.image, e.prefix, max_tokens=12).text for e in held]
+        return loss, sum(a == e.suffix for a, e in zip(answers, held)), answers
+
+    before, matched_before, _ = held_out()
+    state = train(model, config, train_rows, tmp_path / "adapter", TrainSettings(epochs=1000, max_steps=200, lr=1e-2, batch_size=3),
+                  progress=False, log=lambda m: None)
+    after, matched, answers = held_out()
+    first, last = np.mean(state["losses"][:5]), np.mean(state["losses"][-5:])
+    print(f"{backend}: train loss {first:.3f} -> {last:.3f}, held-out {before:.3f} -> {after:.3f}, exact {matched_before} -> {matched}/6")
+    assert matched_before == 0 and matched == len(held), answers
+    assert last < first - 1.5 and after < before - 1.5
+    for e, a in zip(held, answers):
+        box = SQUARES[e.image.rsplit("/", 1)[1].split("-")[0]][1]
+        (det,) = parse_detections(a, (100, 100))
+        assert det.label == "square" and np.abs(np.array(det.box) - box).max() <= 100 / 1024
+
+
+def test_detect_suffix_round_trips_through_the_parser():
+    """Every bin of every coordinate: COCO box -> loc tokens -> parse_detections -> the same tokens."""
+    from mlx_paligemma.detection import parse_detections
+    from mlx_paligemma.training import box_locs, detect_example
+
+    for width, height in ((640, 480), (1023, 77), (1, 1), (4000, 3000)):
+        bins = np.arange(1024)
+        for b0, b1 in zip(bins, bins[::-1]):
+            lo, hi = sorted((b0, b1))
+            text = f"<loc{lo:04d}><loc{lo:04d}><loc{hi:04d}><loc{hi:04d}> cat"
+            (det,) = parse_detections(text, (width, height))
+            x0, y0, x1, y1 = det.box
+            assert box_locs([x0, y0, x1 - x0, y1 - y0], width, height) + " cat" == text
+    prefix, suffix = detect_example([[0, 0, 640, 480], [10, 20, 30, 40]], ["a cat", "dog"], 640, 480)
+    assert prefix == "detect a cat ; dog"
+    assert suffix == "<loc0000><loc0000><loc1023><loc1023> a cat ; <loc0043><loc0016><loc0128><loc0064> dog"
+
+
+def test_finetune_command_resumes_exactly(checkpoints, tmp_path, monkeypatch, one_torch_thread):
+    """Ctrl-C saves the last full step; --resume then ends where an uninterrupted run ends, to the last bit."""
+    from mlx_paligemma import cli
+    from mlx_paligemma.adapter import read_adapter
+
+    rows = square_examples(tmp_path / "img", range(2))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"image": f"img/{e.image.rsplit('/', 1)[1]}", "prefix": e.prefix, "suffix": e.suffix}) + "\n" for e in rows))
+    args = ["finetune", str(data), "--model", str(checkpoints["pg2"].folder), "--backend", "torch", "--dtype", "float32",
+            "--rank", "4", "--targets", "q,v", "--epochs", "2", "--batch-size", "2", "--lr", "1e-2", "--val", str(data), "-q"]
+    assert cli.main(args + ["-o", str(tmp_path / "whole")]) == 0
+    state = json.loads((tmp_path / "whole" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and len(state["val_losses"]) == 2 and state["val_losses"][1] < state["val_losses"][0]
+
+    calls = {"n": 0}  # the interrupt comes from inside the loop, at the 5th optimizer step (mid-epoch)
+    from mlx_paligemma.torch_backend import lora
+
+    original = lora.TorchTrainer.update
+
+    def interrupting(self, count):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        original(self, count)
+
+    monkeypatch.setattr(lora.TorchTrainer, "update", interrupting)
+    assert cli.main(args + ["-o", str(tmp_path / "cut")]) == 130
+    cut = json.loads((tmp_path / "cut" / "trainer_state.json").read_text())
+    assert (cut["step"], cut["epoch"], cut["batch"]) == (4, 1, 1)
+    assert cli.main(args + ["-o", str(tmp_path / "cut")]) == 2  # exists: --resume or --force
+    monkeypatch.setattr(lora.TorchTrainer, "update", original)
+    assert cli.main(args + ["-o", str(tmp_path / "cut"), "--resume"]) == 0
+    (_, whole), (_, resumed) = read_adapter(tmp_path / "whole"), read_adapter(tmp_path / "cut")
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], resumed[k])
+    assert json.loads((tmp_path / "cut" / "trainer_state.json").read_text())["losses"] == state["losses"]
+
+
+def dequantized_into(quantized, plain) -> None:
+    """Give `plain` (a float32 model) the dequantized weights of `quantized`: the same base, exactly."""
+    if quantized.backend.name == "torch":
+        import torch
+
+        from mlx_paligemma.torch_backend.quantize import QuantizedEmbedding, QuantizedLinear
+
+        qmods = dict(quantized.backend.model.named_modules())
+        for path, m in plain.backend.model.named_modules():
+            q = qmods.get(path)
+            q = getattr(q, "base_layer", q)
+            if isinstance(q, (QuantizedLinear, QuantizedEmbedding)):
+                assert q.bits == 8 if isinstance(q, QuantizedLinear) else True
+                with torch.no_grad():
+                    m.weight.copy_(q.weight.float() * q.scales.float()[:, None])
+        return
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    qmods = dict(quantized.backend.model.named_modules())
+    for path, m in plain.backend.model.named_modules():
+        q = qmods.get(path)
+        q = getattr(q, "base_layer", q)
+        if isinstance(q, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits).astype(mx.float32)
+            m.weight = w.T if getattr(m, "transposed", False) else w
+
+
+@pytest.mark.parametrize("backend,bits", [("torch", 8), ("mlx", 8), ("mlx", 4)])
+def test_qlora_gradients_are_those_of_the_dequantized_base(checkpoints, backend, bits):
+    """LoRA over a quantized base: the same gradients as LoRA over a float32 copy of the dequantized weights."""
+    from mlx_paligemma.training import make_batch
+
+    folder = checkpoints["pg2"].folder
+    config = LoraConfig(r=4, alpha=8.0)
+    quantized = pg.load(folder, backend=backend, dtype="float32", quantize=bits, group_size=32)
+    plain = pg.load(folder, backend=backend, dtype="float32")
+    dequantized_into(quantized, plain)
+    weights = nonzero_init(plain, config)
+    grads = []
+    for model in (quantized, plain):
+        model.backend.add_lora(config, weights)
+        trainer = model.backend.trainer(lr=1e-3)
+        trainer.accumulate(make_batch(model, [make_image(1)], ["caption en"], ["a grey cat"]))
+        grads.append(trainer.gradients())
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 42
+    for k, want in grads[1].items():
+        assert np.abs(grads[0][k] - want).max() <= 1e-4 * np.abs(want).max() + 1e-7, k

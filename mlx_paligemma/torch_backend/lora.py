@@ -14,26 +14,6 @@ import torch.nn.functional as F
 
 from ..backend import Trainer, training_masks
 from ..errors import SettingError
-from .quantize import QuantizedLinear
-
-
-class FrozenQuantized(torch.autograd.Function):
-    """y = base(x) with an int8 weight-only layer; the gradient reaches x through the dequantized weight.
-
-    torch's int8 kernel has no backward; the weight is dequantized again in the backward pass
-    (one layer at a time) instead of being kept.
-    """
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        return layer(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        layer = ctx.layer
-        w = layer.weight.to(grad.dtype) * layer.scales.to(grad.dtype)[:, None]  # (N, K)
-        return grad @ w, None
 
 
 class LoRALinear(nn.Module):
@@ -49,12 +29,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.base_layer, QuantizedLinear) and torch.is_grad_enabled() and x.requires_grad:
-            if self.base_layer.bits != 8:
-                raise SettingError("training over a 4-bit base runs on the mlx backend; with torch use quantize=8")
-            y = FrozenQuantized.apply(x, self.base_layer)
-        else:
-            y = self.base_layer(x)
+        y = self.base_layer(x)
         a = self.lora_A.weight
         # as PEFT: the base output plus the float32 update, then back to the base output's dtype
         return (y + self.lora_B(self.lora_A(self.dropout(x.to(a.dtype)))) * self.scaling).to(y.dtype)

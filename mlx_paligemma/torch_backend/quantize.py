@@ -67,6 +67,30 @@ def mlx_dequantize(packed: torch.Tensor, scales: torch.Tensor, biases: torch.Ten
     return w.reshape(N, K)
 
 
+class Int8Product(torch.autograd.Function):
+    """x @ (q * scales).T with torch's int8 kernel, and a backward pass for x (LoRA training over int8).
+
+    The kernel has no derivative; the backward dequantizes the weight again, one layer at a time,
+    rather than keeping a float copy.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, weight, scales):
+        ctx.save_for_backward(weight, scales)
+        return torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scales = ctx.saved_tensors
+        return grad @ (weight.to(grad.dtype) * scales.to(grad.dtype)[:, None]), None, None
+
+
+def int8_product(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and flat.requires_grad:
+        return Int8Product.apply(flat, weight, scales)
+    return torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
+
+
 class QuantizedLinear(nn.Module):
     """A bias-free nn.Linear with int8 or int4 weights."""
 
@@ -112,7 +136,10 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8 and getattr(self, "scales_f32", None) is not None:
             return cpu_kernels.linear(x, self.weight, self.scales_f32)
         if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+            y = int8_product(flat, self.weight, self.scales)
+        elif torch.is_grad_enabled() and flat.requires_grad:
+            # the int4 kernels have no derivative, and their tiled layout cannot be dequantized back
+            raise SettingError("training over a 4-bit base runs on the mlx backend; with torch use quantize=8")
         elif flat.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
         else:
@@ -136,7 +163,7 @@ class QuantizedEmbedding(nn.Module):
         if getattr(self, "scales_f32", None) is not None:
             return cpu_kernels.linear(x, self.weight, self.scales_f32)
         flat = x.reshape(-1, x.shape[-1])
-        return torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
+        return int8_product(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
 
 
 def inner_k_tiles(K: int) -> int:
