@@ -346,3 +346,76 @@ def test_qlora_gradients_are_those_of_the_dequantized_base(checkpoints, backend,
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 42
     for k, want in grads[1].items():
         assert np.abs(grads[0][k] - want).max() <= 1e-4 * np.abs(want).max() + 1e-7, k
+
+
+def test_bad_inputs_give_one_line_errors(checkpoints, tmp_path, capsys):
+    """Bad data, bad adapters and occupied outputs: exit code 2 and one `error:` line, nothing written."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    from mlx_paligemma import cli
+    from mlx_paligemma.adapter import init_weights, peft_key, write_adapter
+
+    folder = str(checkpoints["pg2"].folder)
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    cases = {
+        "missing.jsonl": None,
+        "bad.jsonl": "{not json\n",
+        "noimage.jsonl": json.dumps({"image": "nowhere.png", "prefix": "caption en", "suffix": "x"}) + "\n",
+        "nosuffix.jsonl": json.dumps({"image": "a.png", "prefix": "caption en"}) + "\n",
+        "empty.jsonl": "\n",
+    }
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        assert cli.main(["finetune", str(tmp_path / name), "-o", str(tmp_path / "out"), "--model", folder]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"image": "a.png", "prefix": "caption en", "suffix": "x"}) + "\n")
+    for extra in (["--rank", "0"], ["--targets", "q,proj"], ["--lr", "0"], ["--resume"]):
+        assert cli.main(["finetune", str(tmp_path / "ok.jsonl"), "-o", str(tmp_path / "out"), "--model", folder, *extra]) == 2, extra
+        assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+    config = LoraConfig(r=2, targets=("q",))
+    good = init_weights(config, {"text.layers.0.self_attn.q_proj": (64, 64)})
+    write_adapter(tmp_path / "wide", config, {k: np.zeros((v.shape[0], 65) if "lora_A" in k else v.shape, np.float32) for k, v in good.items()})
+    write_adapter(tmp_path / "vision", config, {k.replace("text.layers", "vision.encoder.layers"): v for k, v in good.items()})
+    (tmp_path / "rank").mkdir()
+    save_file({peft_key(k): v for k, v in good.items()}, str(tmp_path / "rank" / "adapter_model.safetensors"))
+    (tmp_path / "rank" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    (tmp_path / "dora").mkdir()
+    save_file({peft_key(k): v for k, v in good.items()}, str(tmp_path / "dora" / "adapter_model.safetensors"))
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "use_dora": True}))
+    for bad, words in (("wide", "does not fit"), ("vision", "only the text decoder"), ("rank", "rank"), ("dora", "use_dora"),
+                       ("nothing", "adapter")):
+        assert cli.main(["caption", str(tmp_path / "a.png"), "--model", folder, "--adapter", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, (bad, err)
+
+
+def test_adapter_on_the_command_line_and_merge_command(checkpoints, tmp_path, capsys):
+    """`--adapter` answers as pg.load(adapter=...) does; `paligemma merge` writes once, then wants --force."""
+    from mlx_paligemma import cli
+    from mlx_paligemma.adapter import write_adapter
+
+    folder = checkpoints["pg2"].folder
+    model = pg.load(folder, backend="torch", dtype="float32")
+    config = LoraConfig(r=4, alpha=8.0)
+    write_adapter(tmp_path / "ad", config, nonzero_init(model, config))
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(make_image(5)).save(image)
+    want = pg.load(folder, backend="torch", dtype="float32", adapter=tmp_path / "ad").generate(str(image), "caption en", max_tokens=8)
+    plain = model.generate(str(image), "caption en", max_tokens=8)
+    assert want.token_ids != plain.token_ids
+    common = ["--model", str(folder), "--backend", "torch", "--dtype", "float32", "--max-tokens", "8", "--json"]
+    assert cli.main(["caption", str(image), *common, "--adapter", str(tmp_path / "ad")]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want.token_ids
+    assert cli.main(["merge", str(folder), str(tmp_path / "ad"), "-o", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert cli.main(["caption", str(image), *common[2:], "--model", str(tmp_path / "merged")]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want.token_ids
+    assert cli.main(["merge", str(folder), str(tmp_path / "ad"), "-o", str(tmp_path / "merged")]) == 2
+    assert "--force" in capsys.readouterr().err
