@@ -170,7 +170,12 @@ class Model:
     def _features_for(self, pixels: np.ndarray):
         """Device features for a batch of pixels, computing only images not seen recently."""
         keys = [hashlib.sha256(p.tobytes()).digest() for p in pixels]
-        missing = [i for i, k in enumerate(keys) if k not in self._features]
+        # the first row of each image not in the cache: an image twice in a batch is encoded once
+        missing, seen = [], set()
+        for i, k in enumerate(keys):
+            if k not in self._features and k not in seen:
+                seen.add(k)
+                missing.append(i)
         if missing:
             computed = self.backend.image_features(pixels[missing])
             for j, i in enumerate(missing):

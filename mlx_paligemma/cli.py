@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .api import BACKENDS, DTYPES
+from .batch import BATCH_TASKS, DEFAULT_BATCH_SIZE
 from .checkpoint import DEFAULT_MODEL
 from .errors import OutputError, PaliGemmaError, SettingError
 from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
@@ -94,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("things", nargs="+", help='what to segment, separated by ";", e.g. "cat ; dog"')
     p.add_argument("--save", metavar="OUT", help="write the image with the masks drawn (.jpg, .png or .webp)")
+    p = command("batch", "run a task over many images: a folder, a glob or a JSONL/CSV manifest")
+    p.add_argument("input", help="a folder (searched recursively), a quoted glob, or a .jsonl/.csv manifest with an `image` column")
+    p.add_argument("--task", required=True, choices=BATCH_TASKS, help="the task prompt of every row (`prompt`: --prompt sent as is)")
+    p.add_argument("--prompt", help="the task's argument: the question of answer, the things of detect/segment (a manifest's `prompt` column overrides it)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="results.jsonl or results.parquet; an existing one is resumed")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help=f"images per generate_batch call (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (torch backend, one model per actor)")
+    p.add_argument("--address", help="the Ray cluster to join (default: start a local one)")
+    p.add_argument("--ray-actors", type=int, default=1, metavar="N", help="model actors in the Ray pipeline (default 1)")
+    p.add_argument("--ray-cpus", type=float, default=1, metavar="N", help="CPUs each model actor reserves (its torch threads; default 1)")
+    p = command("video", "run a task on frames sampled from a video clip (needs PyAV)")
+    p.add_argument("clip", help="a video file (anything FFmpeg reads)")
+    p.add_argument("--task", required=True, choices=BATCH_TASKS, help="the task prompt of every frame")
+    p.add_argument("--prompt", help="the task's argument: the things of detect, the question of answer")
+    p.add_argument("--every", default="1s", help="sample a frame every 1s, 0.5s, 250ms, or every Nth frame: 10f (default 1s)")
+    p.add_argument("-o", "--output", metavar="OUT", help="frames.jsonl, one row per sampled frame (resumed like batch); default stdout")
+    p.add_argument("--save", metavar="VIDEO", help="write the clip with the boxes drawn (.mp4, .mkv, .mov, .webm, .avi)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help=f"frames per generate_batch call (default {DEFAULT_BATCH_SIZE})")
     p = command("chat", "the interactive shell")
     p.add_argument("--image", dest="image", help="start with this image")
     sub.add_parser("convert", help="convert a checkpoint to an MLX folder (see paligemma convert --help)", add_help=False)
@@ -179,6 +198,12 @@ def _run(args) -> int:
             raise UsageError("no command given; use one of describe, caption, ocr, answer, detect, segment, chat, or -i IMAGE -p PROMPT")
         settings = _settings(args, getattr(args, "image", None) or args.free_image)
         return run_shell(lambda: _load(settings), settings)
+    if command in ("batch", "video"):
+        from .batch import run_command as batch_command
+        from .video import run_command as video_command
+
+        settings = _settings(args, None)
+        return (batch_command if command == "batch" else video_command)(args, settings, lambda: _load(settings))
     if command is None:
         if args.free_image is None or args.free_prompt is None:
             raise UsageError("a free prompt needs both -i IMAGE and -p PROMPT")

@@ -15,9 +15,15 @@ MEAN = 0.5
 STD = 0.5
 
 
+def resize(image: Image.Image, size: int) -> Image.Image:
+    """The square the model sees: aspect ratio not kept. Resizing the result again is a copy, so
+    a pipeline may resize early (and ship the small image) and get the same pixels."""
+    return image.resize((size, size), resample=Image.Resampling.BICUBIC)
+
+
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
     """An RGB PIL image -> float32 pixels (3, size, size)."""
-    resized = image.resize((size, size), resample=Image.Resampling.BICUBIC)
+    resized = resize(image, size)
     # transformers rescales in float64 and normalises after; the result is cast to float32
     x = np.asarray(resized, dtype=np.float64) * (1.0 / 255.0)
     x = ((x - MEAN) / STD).astype(np.float32)
