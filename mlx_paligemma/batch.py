@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .errors import ImageError, OutputError, PaliGemmaError, PromptError, SettingError
-from .prompts import TASKS, is_detection_prompt, task_prompt
+from .prompts import TASKS, is_detection_prompt, is_segmentation_prompt, task_prompt
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -336,11 +336,20 @@ def pending(items: Sequence[Item], done_rows: Iterable[dict]) -> list[Item]:
     return todo
 
 
-def result_row(item: Item, generation, image_size: tuple[int, int], batch_size: int) -> dict:
-    """The output row of one computed item: boxes in pixels of the original image."""
+def result_row(item: Item, generation, image_size: tuple[int, int], batch_size: int, vae=None) -> dict:
+    """The output row of one computed item: boxes in pixels of the original image; for `segment`
+    also the masks, as COCO RLE (`vae`: the model's mask decoder)."""
     from .detection import parse_detections
+    from .segmentation import parse_segments, segments_json
 
-    detections = parse_detections(generation.text, image_size) if is_detection_prompt(item.prompt) else []
+    masks = {"segments": None, "invalid": None}
+    if is_segmentation_prompt(item.prompt):
+        segments = parse_segments(generation.text, image_size, vae)
+        detections, masks = segments.detections, segments_json(segments)
+    elif is_detection_prompt(item.prompt):
+        detections = parse_detections(generation.text, image_size)
+    else:
+        detections = []
     return {
         "input": item.input,
         "prompt": item.prompt,
@@ -349,6 +358,7 @@ def result_row(item: Item, generation, image_size: tuple[int, int], batch_size: 
         "finished_by": generation.finished_by,
         "image_size": list(image_size),
         "detections": [{"label": d.label, "box": [round(v, 1) for v in d.box]} for d in detections],
+        **masks,
         "stats": dict(generation.stats.to_dict(), batch_size=batch_size),
         "error": None,
     }
@@ -357,7 +367,7 @@ def result_row(item: Item, generation, image_size: tuple[int, int], batch_size: 
 def error_row(item: Item, message: str) -> dict:
     # the same keys as a result row, so that every row of a parquet file has one schema
     return {"input": item.input, "prompt": item.prompt, "text": None, "token_ids": None, "finished_by": None,
-            "image_size": None, "detections": None, "stats": None, "error": message}
+            "image_size": None, "detections": None, "segments": None, "invalid": None, "stats": None, "error": message}
 
 
 class DecodedImages:
@@ -457,6 +467,7 @@ def run_one_batch(model, batch: Sequence[Item], loaded: list, generate_kwargs: d
             continue
         ready.append(j)
     if ready:
+        vae = model.mask_decoder() if any(is_segmentation_prompt(batch[j].prompt) for j in ready) else None
         images = [loaded[j] for j in ready]
         try:
             generations = model.generate_batch(images, [batch[j].prompt for j in ready], **generate_kwargs)
@@ -472,8 +483,15 @@ def run_one_batch(model, batch: Sequence[Item], loaded: list, generate_kwargs: d
                     generations.append(e)
         for j, g in zip(ready, generations):
             size = sizes[j] if sizes is not None else g.image_size
-            rows[j] = error_row(batch[j], str(g)) if isinstance(g, Exception) else result_row(batch[j], g, size, len(ready))
+            rows[j] = error_row(batch[j], str(g)) if isinstance(g, Exception) else result_row(batch[j], g, size, len(ready), vae)
     return rows
+
+
+def need_pycocotools() -> None:
+    try:
+        import pycocotools.mask  # noqa: F401
+    except ImportError:
+        raise SettingError("masks as COCO RLE need pycocotools: pip install 'mlx-paligemma[segment]'") from None
 
 
 def tqdm_progress(total: int, done: int, quiet: bool):
@@ -503,6 +521,9 @@ def run_command(args, settings, load_model) -> int:
         from .ray_batch import check_ray
 
         check_ray()
+    segmenting = any(it.prompt and is_segmentation_prompt(it.prompt) for it in items)
+    if segmenting:
+        need_pycocotools()
     done_rows = output.existing()
     todo = group_by_image(pending(items, done_rows))
     kwargs = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
@@ -527,6 +548,8 @@ def run_command(args, settings, load_model) -> int:
             model.check("ocr", **kwargs)
             if model.is_demo:
                 say(DEMO_NOTE)
+            if segmenting:
+                model.mask_decoder()  # a missing decoder: one error line before any row
             update, close = tqdm_progress(len(items), done, args.quiet)
             try:
                 counts = run_batch(model, todo, output, args.batch_size, update, **kwargs)

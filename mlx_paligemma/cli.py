@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .api import BACKENDS, DTYPES
-from .batch import BATCH_TASKS, DEFAULT_BATCH_SIZE
+from .batch import BATCH_TASKS, DEFAULT_BATCH_SIZE, need_pycocotools
 from .checkpoint import DEFAULT_MODEL
 from .errors import OutputError, PaliGemmaError, SettingError
 from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
@@ -249,7 +249,7 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
     out_path = _check_output(save) if save else None
     segmenting = is_segmentation_prompt(prompt)
     if segmenting and args.json:
-        _need_pycocotools()
+        need_pycocotools()
     picture = load_image(settings.image)
     model = _load(settings)
     vae = model.mask_decoder() if segmenting else None  # a missing decoder: an error before generating
@@ -314,13 +314,6 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
         print(f"saved {saved}", file=sys.stderr)
     print(result.stats.line(), file=sys.stderr)
     return 0
-
-
-def _need_pycocotools() -> None:
-    try:
-        import pycocotools.mask  # noqa: F401
-    except ImportError:
-        raise SettingError("segment --json writes masks as COCO RLE with pycocotools: pip install 'mlx-paligemma[segment]'") from None
 
 
 def _vae_command(name: str, argv: list[str]) -> int:

@@ -193,6 +193,14 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """`mask_to_rle`'s output (as read back from JSON) -> the bool (height, width) mask."""
+    from pycocotools import mask as coco_mask
+
+    counts = rle["counts"]
+    return coco_mask.decode({"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}).astype(bool)
+
+
 def segments_json(segments: Segments) -> dict:
     """What `--json` prints for a segmentation: masks as COCO RLE, boxes in pixels."""
     return {

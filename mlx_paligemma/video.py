@@ -99,11 +99,9 @@ def sample(path: str, every: tuple[float, str]) -> Iterator[tuple[int, float, ob
 def run_video(model, clip: str, prompt: str, every: tuple[float, str], output, batch_size: int = DEFAULT_BATCH_SIZE,
               progress=None, **generate_kwargs) -> dict[int, list]:
     """Run `prompt` on the sampled frames a batch at a time and write a row per frame (frames
-    already in `output` are skipped). Returns {frame index: detections} of every sampled frame."""
-    from .detection import Detection
-
+    already in `output` are skipped). Returns {frame index: (segments, detections)} of every sampled frame."""
     done = {row["frame"]: row for row in output.existing() if row.get("input") == clip and row.get("prompt") == prompt}
-    boxes = {i: [Detection(d["label"], tuple(d["box"])) for d in (r.get("detections") or [])] for i, r in done.items()}
+    boxes = {i: _drawables(r) for i, r in done.items()}
     pending: list[tuple[int, float, object]] = []
 
     def flush():
@@ -112,7 +110,7 @@ def run_video(model, clip: str, prompt: str, every: tuple[float, str], output, b
         for (index, t, _), row in zip(pending, rows):
             row = {"input": clip, "frame": index, "time_s": round(t, 6), **{k: v for k, v in row.items() if k != "input"}}
             output.write(row)
-            boxes[index] = [Detection(d["label"], tuple(d["box"])) for d in (row["detections"] or [])]
+            boxes[index] = _drawables(row)
             if progress is not None:
                 progress(row)
         pending.clear()
@@ -131,11 +129,20 @@ def run_video(model, clip: str, prompt: str, every: tuple[float, str], output, b
     return boxes
 
 
-def save_annotated(clip: str, boxes: dict[int, list], out_path: str | os.PathLike) -> Path:
-    """The clip with each frame showing the boxes of the latest sampled frame at or before it.
+def _drawables(row: dict) -> tuple[list, list]:
+    """A row's (segments, detections) as objects to draw (masks decoded from their RLE)."""
+    from .detection import Detection
+    from .segmentation import Segment, rle_to_mask
+
+    segments = [Segment(s["label"], tuple(s["box"]), rle_to_mask(s["mask"])) for s in row.get("segments") or []]
+    return segments, [Detection(d["label"], tuple(d["box"])) for d in row.get("detections") or []]
+
+
+def save_annotated(clip: str, boxes: dict[int, tuple[list, list]], out_path: str | os.PathLike) -> Path:
+    """The clip with each frame showing the boxes (and masks) of the latest sampled frame at or before it.
 
     Same frame count, size and frame rate; written to a temporary file, then renamed."""
-    from .detection import draw_detections
+    from .segmentation import draw_segments
 
     av = _av()
     out_path = Path(out_path)
@@ -149,7 +156,7 @@ def save_annotated(clip: str, boxes: dict[int, list], out_path: str | os.PathLik
     try:
         with av.open(str(tmp), mode="w") as target:
             stream = None
-            current: list = []
+            current: tuple[list, list] = ([], [])
             for index, _, frame in frames(clip):
                 if index in boxes:
                     current = boxes[index]
@@ -158,7 +165,7 @@ def save_annotated(clip: str, boxes: dict[int, list], out_path: str | os.PathLik
                     stream.width, stream.height = frame.width, frame.height
                     # 4:2:0 chroma needs even sides; 4:4:4 takes any
                     stream.pix_fmt = "yuv420p" if frame.width % 2 == 0 and frame.height % 2 == 0 else "yuv444p"
-                picture = draw_detections(frame.to_image(), current) if current else frame.to_image()
+                picture = draw_segments(frame.to_image(), *current) if any(current) else frame.to_image()
                 drawn = av.VideoFrame.from_image(picture)
                 drawn.pts = index
                 for packet in stream.encode(drawn):
@@ -197,7 +204,8 @@ class _StdoutRows:
 
 def run_command(args, settings, load_model) -> int:
     """`paligemma video`: parsed args and checked settings; `load_model()` loads once."""
-    from .batch import make_prompt
+    from .batch import make_prompt, need_pycocotools
+    from .prompts import is_segmentation_prompt
     from .shell import DEMO_NOTE
 
     _av()
@@ -216,7 +224,12 @@ def run_command(args, settings, load_model) -> int:
         raise OutputError(f"{args.output}: video rows go to a .jsonl file")
     _open(args.clip).close()  # an unreadable clip fails before the model loads
     output = open_output(args.output) if args.output else _StdoutRows()
+    segmenting = is_segmentation_prompt(prompt)
+    if segmenting:
+        need_pycocotools()
     model = load_model()
+    if segmenting:
+        model.mask_decoder()  # a missing decoder: one error line before any frame
     kwargs = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
                   top_k=settings.top_k, seed=settings.seed)
     model.check(prompt, **kwargs)

@@ -335,3 +335,36 @@ def test_ray_pipeline_gives_the_rows_of_a_local_run(folder, tmp_path):
     rows = same(read_rows(distributed))
     assert rows == same(read_rows(local))
     assert len(rows) == 7 and [r["input"] for r in rows if r["error"]] == ["sub/broken.jpg"]
+
+
+def test_segment_rows_hold_the_masks_as_coco_rle(folder, tmp_path):
+    from pycocotools import mask as coco_mask
+
+    from mlx_paligemma.segmentation import parse_segments
+
+    model = pg.load("demo", backend="torch", dtype="float32")
+    vae = model.mask_decoder()
+    # an answer with one mask and one bare box (the random demo model rarely writes 16 codes in a row)
+    text = ("<loc0100><loc0200><loc0700><loc0900>" + "".join(f"<seg{c:03d}>" for c in range(0, 128, 8))
+            + " cat ; <loc0000><loc0000><loc0500><loc0500> dog")
+    size = (40, 72)
+    row = batch.result_row(batch.Item("a.jpg", "", "segment cat ; dog"), pg.Generation(text, [], pg.Stats(), size), size, 1, vae)
+    row = json.loads(json.dumps(row))  # what a reader of the file gets
+    expected = parse_segments(text, size, vae)
+    assert [s["label"] for s in row["segments"]] == ["cat"] and row["invalid"] == 0
+    mask = coco_mask.decode({"size": row["segments"][0]["mask"]["size"], "counts": row["segments"][0]["mask"]["counts"].encode()})
+    assert mask.shape == (72, 40) and (mask.astype(bool) == expected[0].mask).all() and mask.any()
+    assert row["segments"][0]["box"] == list(expected[0].box) and row["segments"][0]["area"] == int(mask.sum())
+    assert row["detections"] == [{"label": "dog", "box": [round(v, 1) for v in expected.detections[0].box]}]
+
+    out = tmp_path / "masks.jsonl"
+    assert run("batch", folder, "--task", "segment", "--prompt", "cat", "-o", out, "--model", "demo", "--backend", "torch",
+               *SAMPLING_ARGS, "--quiet") == 0
+    rows = read_rows(out)
+    assert len(rows) == 7
+    for r in rows:
+        assert r["prompt"] == "segment cat"
+        if not r["error"]:
+            segments = parse_segments(r["text"], tuple(r["image_size"]), vae)
+            assert len(r["segments"]) == len(segments) and r["invalid"] == segments.invalid
+            assert len(r["detections"]) == len(segments.detections)

@@ -24,7 +24,8 @@ def test_demo_notebook_runs_and_renders_its_images():
         for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})
     ]
     with Image.open(EXAMPLES / "images" / "chelsea.jpg") as chelsea, Image.open(EXAMPLES / "images" / "astronaut.jpg") as astronaut:
-        # the photo, the detection picture (drawn on the astronaut, at its size) and the batch's strip
-        assert [p.size for p in pictures] == [chelsea.size, astronaut.size, (160 * len(list((EXAMPLES / "images").glob("*.jpg"))), 120)]
+        # the photo, the detection and segmentation pictures (drawn on the astronaut, at its size), the batch's strip
+        strip = (160 * len(list((EXAMPLES / "images").glob("*.jpg"))), 120)
+        assert [p.size for p in pictures] == [chelsea.size, astronaut.size, astronaut.size, strip]
     texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "demo-v" in texts and "tokens in" in texts  # the demo checkpoint, and a stats line
