@@ -526,8 +526,7 @@ def run_command(args, settings, load_model) -> int:
         need_pycocotools()
     done_rows = output.existing()
     todo = group_by_image(pending(items, done_rows))
-    kwargs = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                  top_k=settings.top_k, seed=settings.seed)
+    kwargs = dict(params=settings.sampling)
     done = len(items) - len(todo)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if done:

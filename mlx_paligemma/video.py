@@ -230,8 +230,7 @@ def run_command(args, settings, load_model) -> int:
     model = load_model()
     if segmenting:
         model.mask_decoder()  # a missing decoder: one error line before any frame
-    kwargs = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                  top_k=settings.top_k, seed=settings.seed)
+    kwargs = dict(params=settings.sampling)
     model.check(prompt, **kwargs)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if model.is_demo:
