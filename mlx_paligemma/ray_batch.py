@@ -39,6 +39,10 @@ def _model_path(model: str) -> str:
     return os.path.abspath(os.path.expanduser(model)) if os.path.isdir(os.path.expanduser(model)) else model
 
 
+def _local(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
 def preprocess(row: dict, size: int) -> dict:
     """Decode and resize one image (a Ray Data `map`): the row gains pixels and the original size."""
     from .image import load_image
@@ -58,10 +62,11 @@ def preprocess(row: dict, size: int) -> dict:
 class Predictor:
     """One model per actor (Ray Data calls the class once per actor, then once per batch)."""
 
-    def __init__(self, model: str, dtype: str | None, generate_kwargs: dict):
+    def __init__(self, model: str, dtype: str | None, generate_kwargs: dict, vae: str | None = None,
+                 adapter: str | None = None):
         from .api import load
 
-        self.model = load(model, backend="torch", dtype=dtype)
+        self.model = load(model, backend="torch", dtype=dtype, vae=vae, adapter=adapter)
         self.generate_kwargs = generate_kwargs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,7 +115,8 @@ def run_ray(settings, items: Sequence[Item], output, batch_size: int, address: s
         ds = ds.map_batches(
             Predictor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_actor,
             compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs={"model": model, "dtype": settings.dtype, "generate_kwargs": generate_kwargs},
+            fn_constructor_kwargs={"model": model, "dtype": settings.dtype, "generate_kwargs": generate_kwargs,
+                                   "vae": _local(settings.vae), "adapter": _local(settings.adapter)},
         )
         for out in ds.iter_rows():
             row = json.loads(out["row"])
