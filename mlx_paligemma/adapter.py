@@ -23,14 +23,14 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import canonical_name, expected_shapes, open_checkpoint, read_header
+from .checkpoint import COPIED_FILES, canonical_name, expected_shapes, open_checkpoint, read_header
 from .errors import CheckpointError, OutputError, SettingError
+from .files import atomic_folder
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -195,37 +195,6 @@ def write_adapter(folder: Path, config: LoraConfig, weights: dict[str, np.ndarra
             (tmp / name).write_bytes(data)
 
 
-class atomic_folder:
-    """`with atomic_folder(out) as tmp:` fill tmp; on success it replaces `out` whole, on error it is removed."""
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-
-    def __enter__(self) -> Path:
-        parent = self.out.parent
-        if not parent.is_dir():
-            raise OutputError(f"{self.out}: the folder {parent} does not exist")
-        try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.writing-", dir=parent))
-        except OSError as e:
-            raise OutputError(f"{self.out}: cannot write there ({e.strerror})") from None
-        return self.tmp
-
-    def __exit__(self, kind, value, tb) -> bool:
-        from .convert import _replace, _sync
-
-        if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        try:
-            _sync(self.tmp)
-            _replace(self.tmp, self.out)
-        except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise OutputError(f"{self.out}: cannot write ({e.strerror})") from None
-        return False
-
-
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """float tensors of a small safetensors file as numpy (bf16 widened to float32)."""
     header = read_header(path)
@@ -262,8 +231,6 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     once to the stored dtype. Config, tokenizer and other small files are copied. Nothing appears
     at `out` until the folder is complete.
     """
-    from .convert import COPIED_FILES
-
     checkpoint = open_checkpoint(base)
     if checkpoint.config.quantization:
         raise SettingError(f"{base}: a quantized checkpoint cannot take a merged adapter; merge into the unquantized one")

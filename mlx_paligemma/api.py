@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backend import Backend
+from .backend import BACKENDS, Backend, pick_backend
 from .checkpoint import open_checkpoint
 from .config import PaliGemmaConfig
 from .errors import PromptError, SettingError
@@ -24,7 +23,7 @@ from .processor import pixel_values
 from .sampling import LogitsProcessor, SamplingParams, logits_processors
 from .tokenizer import StreamDecoder, Tokenizer
 
-BACKENDS = ("auto", "mlx", "torch")
+# the choices of `load` the surfaces offer (BACKENDS comes from the backend interface)
 DTYPES = ("float32", "bfloat16", "float16")
 FEATURE_CACHE_SIZE = 8
 
@@ -38,17 +37,6 @@ class Generation:
     finished_by: str = "max_tokens"  # "eos", "stop" (a stop string), "max_tokens" or "context"
     detections: list = field(default_factory=list)
     segments: list = field(default_factory=list)  # filled by Model.segment: Segments (masks), with .invalid
-
-
-def pick_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise SettingError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    # MLX on Apple silicon; elsewhere torch (the Linux mlx wheel multiplies with a reference BLAS)
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return "mlx"
-    return "torch"
 
 
 def load(

@@ -7,6 +7,7 @@ logits of the last position out), except image features, which stay on the devic
 
 from __future__ import annotations
 
+import platform
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 import numpy as np
 
 from .config import PaliGemmaConfig
+from .errors import SettingError
+
+BACKENDS = ("auto", "mlx", "torch")
 
 
 @dataclass
@@ -181,6 +185,17 @@ def training_masks(prefix_lens: np.ndarray, lengths: np.ndarray, total: int, win
     masks = {"full": ((causal | block) & keep) | own}
     masks["sliding"] = masks["full"] if window is None else (((causal & (q - k < window)[None]) | block) & keep) | own
     return {name: m[:, None] for name, m in masks.items()}
+
+
+def pick_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise SettingError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    # MLX on Apple silicon; elsewhere torch (the Linux mlx wheel multiplies with a reference BLAS)
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "mlx"
+    return "torch"
 
 
 def peak_rss_bytes() -> int:

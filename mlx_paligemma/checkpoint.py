@@ -22,6 +22,12 @@ from .errors import CheckpointError
 DEFAULT_MODEL = "google/paligemma2-3b-mix-224"
 WEIGHT_PATTERNS = ("*.safetensors", "*.json", "tokenizer.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors name -> ours
+# the small files a loader reads next to the weights, copied with them into a converted or merged folder
+COPIED_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "generation_config.json", "preprocessor_config.json",
+)
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
     "BOOL": 1,
@@ -280,6 +286,29 @@ def _ohwi(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], shape[2], shape[3], shape[1])
 
 
+def plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Names in the order given, cut into groups of at most `limit` bytes (a bigger tensor gets a file alone)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    total = 0
+    for name, size in sizes.items():
+        if current and total + size > limit:
+            shards.append(current)
+            current, total = [], 0
+        current.append(name)
+        total += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_files(count: int) -> list[str]:
+    """The weight files of a checkpoint in `count` shards, named as transformers names them."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
 @dataclass
 class Checkpoint:
     folder: Path
@@ -289,8 +318,7 @@ class Checkpoint:
     @property
     def stored_dtype(self) -> str:
         """The float dtype most tensors are stored in (quantized ints aside): float32, bfloat16 or float16."""
-        names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-        counts = Counter(names[t.dtype] for t in self.tensors.values() if t.dtype in names)
+        counts = Counter(FLOAT_DTYPES[t.dtype] for t in self.tensors.values() if t.dtype in FLOAT_DTYPES)
         return counts.most_common(1)[0][0] if counts else "float32"
 
     @property

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .api import BACKENDS, DTYPES
+from .api import BACKENDS, DTYPES, pick_backend
 from .batch import BATCH_TASKS, DEFAULT_BATCH_SIZE, need_pycocotools
 from .checkpoint import DEFAULT_MODEL
 from .errors import OutputError, PaliGemmaError, SettingError
@@ -199,7 +199,7 @@ def _run(args) -> int:
         settings = _settings(args, getattr(args, "image", None) or args.free_image)
         return run_shell(lambda: _load(settings), settings)
     if command in ("batch", "video"):
-        from .batch import run_command as batch_command
+        from .batch_command import run_command as batch_command
         from .video import run_command as video_command
 
         settings = _settings(args, None)
@@ -228,7 +228,7 @@ def _load(settings: Settings):
         return api.load(settings.model, backend=settings.backend, dtype=settings.dtype, vae=settings.vae, adapter=settings.adapter)
     except ImportError as e:
         # a backend whose framework is not installed here
-        raise SettingError(f"the {api.pick_backend(settings.backend)} backend cannot start: {e}") from None
+        raise SettingError(f"the {pick_backend(settings.backend)} backend cannot start: {e}") from None
 
 
 def _check_output(path: str) -> Path:

@@ -17,6 +17,13 @@ from .errors import CheckpointError
 
 SUPPORTED_TEXT_TYPES = ("gemma", "gemma2")
 
+# big_vision's VQ-VAE mask decoder (vae-oid.npz), the same for every PaliGemma: what both backends build
+GRID = 4  # an object's 16 <seg> codes are a 4x4 grid
+HIDDEN = 128  # channels of the first conv and the residual blocks
+UP_CHANNELS = (128, 64, 32, 16)  # output channels of the four stride-2 transposed convs
+MASK_SIZE = 64  # 4 * 2**4
+NUM_CODES = 128
+
 # The value transformers (5.x) gives each field a config.json leaves out: the defaults of the class
 # that `model_type` names (transformers' GemmaConfig, Gemma2Config, SiglipVisionConfig), and
 # PaliGemmaConfig's own. Nothing is derived from other fields: Gemma's head_dim is not hidden / heads

@@ -18,23 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from .checkpoint import COPIED_FILES, FLOAT_DTYPES, plan_shards, shard_files
+from .config import PaliGemmaConfig
 from .errors import CheckpointError, OutputError, PaliGemmaError, SettingError
+from .files import atomic_folder, reason
 from .usage import Parser, UsageError
 
 SHARD_BYTES = 2_000_000_000  # at most ~2 GB per safetensors file
-COPIED_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "generation_config.json", "preprocessor_config.json",
-)
-STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-GROUP_SIZES = (32, 64, 128)  # what mx.quantize supports
+DTYPES = tuple(FLOAT_DTYPES.values())
+GROUP_SIZES = PaliGemmaConfig.MLX_GROUP_SIZES
 CHECK_PROMPT = "caption en"
 
 
@@ -46,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", metavar="SOURCE", help="checkpoint folder or repo id (`demo` = the built-in demo checkpoint)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (must not exist, unless --force)")
-    p.add_argument("--dtype", choices=tuple(STORED_DTYPES.values()), help="dtype of the weights (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the weights (default: the checkpoint's)")
     p.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS", help="quantize the text decoder to 4 or 8 bits")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group size (default 64)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new folder is complete)")
@@ -87,8 +84,8 @@ def convert(
         raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
     if group_size not in GROUP_SIZES:
         raise SettingError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
-    if dtype is not None and dtype not in STORED_DTYPES.values():
-        raise SettingError(f"dtype must be one of {', '.join(STORED_DTYPES.values())}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(os.path.expanduser(str(out_dir))).absolute()
     _check_target(out, force)
     if str(source) == "demo":
@@ -124,25 +121,15 @@ def convert(
             config[key] = dtype
 
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+        with atomic_folder(out) as tmp:
+            write_weights(tmp, weights)
+            del backend, weights  # free the first copy before the check loads a second
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            copy_files(checkpoint.folder, tmp)
+            check(tmp, dtype, reference)
+            log("checked: the folder loads and gives the same logits as the converted model")
     except OSError as e:
-        raise OutputError(f"{out}: cannot write there ({_reason(e)})") from None
-    try:
-        write_weights(tmp, weights)
-        del backend, weights  # free the first copy before the check loads a second
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_files(checkpoint.folder, tmp)
-        check(tmp, dtype, reference)
-        log("checked: the folder loads and gives the same logits as the converted model")
-        _sync(tmp)
-        _replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{out}: cannot write ({_reason(e)}); nothing was changed") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise OutputError(f"{out}: cannot write ({reason(e)}); nothing was changed") from None
     return out
 
 
@@ -207,38 +194,19 @@ def check(folder: Path, dtype: str, reference) -> None:
         raise CheckpointError(f"the written folder gives different logits (max difference {diff:.3g}); nothing was written")
 
 
-def plan_shards(sizes: dict[str, int], limit: int = SHARD_BYTES) -> list[list[str]]:
-    """Names in order, cut into groups of at most `limit` bytes (a bigger tensor gets a file alone)."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    total = 0
-    for name in sorted(sizes):
-        if current and total + sizes[name] > limit:
-            shards.append(current)
-            current, total = [], 0
-        current.append(name)
-        total += sizes[name]
-    if current:
-        shards.append(current)
-    return shards
-
-
 def write_weights(folder: Path, weights: dict) -> list[str]:
     """Safetensors shards (and their index when more than one) into `folder`; returns the file names."""
     import mlx.core as mx
 
-    shards = plan_shards({k: v.nbytes for k, v in weights.items()}, SHARD_BYTES)
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    shards = plan_shards({k: weights[k].nbytes for k in sorted(weights)}, SHARD_BYTES)
+    files = shard_files(len(shards))
     total = sum(v.nbytes for v in weights.values())
     bar = Progress("writing", total)
     for file, names in zip(files, shards):
         try:
             mx.save_safetensors(str(folder / file), {k: weights[k] for k in names}, metadata={"format": "mlx"})
         except (OSError, RuntimeError) as e:
-            raise OutputError(f"{folder.parent}: cannot write {file} ({_reason(e)})") from None
+            raise OutputError(f"{folder.parent}: cannot write {file} ({reason(e)})") from None
         bar.advance(sum(weights[k].nbytes for k in names))
     bar.close()
     if len(files) > 1:
@@ -257,31 +225,6 @@ def copy_files(source: Path, folder: Path) -> None:
             shutil.copyfile(source / name, folder / name)
 
 
-def _sync(folder: Path) -> None:
-    """Flush every file to disk before the rename makes the folder visible."""
-    for f in folder.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is moved aside first and deleted only once tmp is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
@@ -292,10 +235,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
-
-
-def _reason(e: BaseException) -> str:
-    return (e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())) or type(e).__name__
 
 
 class Progress:

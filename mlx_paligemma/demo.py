@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_folder, cache_root
 
 DEMO_VERSION = 2
 
@@ -121,23 +122,30 @@ def random_weights(config: dict, seed: int = 0, dtype=np.float32) -> dict[str, n
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in expected_shapes(cfg).items():
-        fan_in = shape[-1] if len(shape) == 2 else int(np.prod(shape[1:])) if len(shape) == 4 else 1
-        if name.endswith("norm.weight") and name.startswith("text."):
-            w = rng.normal(0.0, 0.1, shape)  # Gemma norms scale by (1 + w)
-        elif name.endswith(("layer_norm1.weight", "layer_norm2.weight", "post_layernorm.weight")):
-            w = 1.0 + rng.normal(0.0, 0.1, shape)
-        elif name.endswith("bias"):
-            w = rng.normal(0.0, 0.02, shape)
-        elif name == "text.embed_tokens.weight":
-            # small next to the layers' outputs: with a tied head, a dominant input embedding makes
-            # a random model repeat its last token forever
-            w = rng.normal(0.0, 0.3 / np.sqrt(shape[-1]), shape)
-        elif "position_embedding" in name:
-            w = rng.normal(0.0, 1.0 / np.sqrt(shape[-1]), shape)
-        else:
-            w = rng.normal(0.0, 1.5 / np.sqrt(fan_in), shape)
-        out[hub_name(name)] = w.astype(dtype)
+        out[hub_name(name)] = rng.normal(*init_rule(name, shape), shape).astype(dtype)
     return out
+
+
+def init_rule(name: str, shape: tuple[int, ...], gain: float = 1.5) -> tuple[float, float]:
+    """(mean, std) of the normal distribution a random weight is drawn from, by its canonical name.
+
+    The one rule of the demo checkpoint, the full-size writer (gain 1) and the test fixtures:
+    weights with enough spread that a random model's greedy choices are decisive (an init near
+    zero, as transformers' is, gives near ties).
+    """
+    if name.startswith("text.") and name.endswith("norm.weight"):
+        return 0.0, 0.1  # Gemma norms scale by (1 + w)
+    if name.endswith(("layer_norm1.weight", "layer_norm2.weight", "post_layernorm.weight")):
+        return 1.0, 0.1
+    if name.endswith("bias"):
+        return 0.0, 0.02
+    if name == "text.embed_tokens.weight":
+        # small next to the layers' outputs: with a tied head, a dominant input embedding makes
+        # a random model repeat its last token forever
+        return 0.0, 0.3 / math.sqrt(shape[-1])
+    if "position_embedding" in name:
+        return 0.0, 1.0 / math.sqrt(shape[-1])
+    return 0.0, gain / math.sqrt(math.prod(shape[1:]))
 
 
 def hub_name(canonical: str) -> str:
@@ -152,29 +160,13 @@ def hub_name(canonical: str) -> str:
     raise ValueError(canonical)
 
 
-def cache_root() -> Path:
-    base = os.environ.get("MLX_PALIGEMMA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mlx-paligemma"
-    )
-    return Path(base)
-
-
 def demo_checkpoint() -> Path:
     """The demo checkpoint folder, generated on first use (atomically) and cached after."""
     folder = cache_root() / f"demo-v{DEMO_VERSION}"
     if (folder / "config.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, replace=False) as tmp:  # a process that gets there first wins
         write_checkpoint(tmp, text_pieces=None, seed=0)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "config.json").exists():  # another process won the race otherwise
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -22,13 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import pick_backend
+from .config import GRID, HIDDEN, MASK_SIZE, NUM_CODES, UP_CHANNELS
 from .errors import CheckpointError, OutputError, SettingError
-
-GRID = 4  # the 16 codes are a 4x4 grid
-HIDDEN = 128  # channels of the first conv and the residual blocks
-UP_CHANNELS = (128, 64, 32, 16)  # output channels of the four stride-2 transposed convs
-MASK_SIZE = 64  # 4 * 2**4
-NUM_CODES = 128
+from .files import cache_root
 
 VAE_ENV = "PALIGEMMA_VAE"
 VAE_URL = "https://storage.googleapis.com/big_vision/paligemma/vae-oid.npz"  # gs://big_vision/paligemma/vae-oid.npz
@@ -135,16 +132,12 @@ class Vae:
 
 def load_vae(path: str | os.PathLike, backend: str = "auto", device: str | None = None) -> Vae:
     """Read a mask decoder file (`vae-oid.npz` or its safetensors copy) onto a backend."""
-    from .api import pick_backend
-
     weights, metadata = read_weights(path)
     return Vae(weights, pick_backend(backend), device, source=str(path), demo=metadata.get("demo") == "true")
 
 
 def default_vae_path() -> Path:
     """Where `paligemma download-vae` puts the file by default (the package's cache folder)."""
-    from .demo import cache_root
-
     return cache_root() / VAE_NAME
 
 

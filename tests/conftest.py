@@ -56,25 +56,17 @@ def _paligemma_config(text_overrides: dict, real_vocab: int):
 
 
 def _randomize(model, seed: int) -> None:
-    """Weights with enough spread that greedy choices are decisive (transformers' init is near zero)."""
+    """Weights by the demo checkpoint's rule (transformers' init is near zero: greedy choices would be near ties)."""
     import torch
+
+    from mlx_paligemma.checkpoint import canonical_name
+    from mlx_paligemma.demo import init_rule
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and "vision" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)  # Gemma norms scale by (1 + w)
-            elif p.ndim == 1 and "norm" in name:
-                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.2)
-            elif p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            elif "embed_tokens" in name:
-                # small next to the layers' outputs: with a tied head, a dominant input embedding
-                # makes a random model repeat its last token forever, which would test little
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 / p.shape[-1] ** 0.5))
-            else:
-                fan_in = p[0].numel() if p.ndim > 2 else p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / fan_in**0.5))
+            mean, std = init_rule(canonical_name(name), tuple(p.shape))
+            p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
 
 
 def _hub_name(key: str) -> str | None:

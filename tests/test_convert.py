@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 import mlx_paligemma as pg
-from mlx_paligemma import convert
+from mlx_paligemma import convert, files
+from mlx_paligemma.checkpoint import plan_shards, shard_files
 from mlx_paligemma.demo import demo_checkpoint
 
 PROMPT = "caption en"
@@ -135,12 +136,12 @@ def test_refuses_to_overwrite_without_force(source, tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("step", ["copy_files", "check", "_replace"])
-def test_interruption_leaves_nothing_behind(source, tmp_path, monkeypatch, capsys, step):
+@pytest.mark.parametrize("module, step", [(convert, "copy_files"), (convert, "check"), (files, "replace_folder")])
+def test_interruption_leaves_nothing_behind(source, tmp_path, monkeypatch, capsys, module, step):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, step, interrupt)
+    monkeypatch.setattr(module, step, interrupt)
     out = tmp_path / "new"
     assert convert.main([str(source), str(out)]) == 130
     assert "nothing was written" in capsys.readouterr().err
@@ -211,7 +212,9 @@ def test_paligemma_convert_delegates(source, tmp_path, capsys):
 
 def test_plan_shards_and_progress():
     sizes = {"a": 5, "b": 5, "c": 12, "d": 1}
-    assert convert.plan_shards(sizes, limit=10) == [["a", "b"], ["c"], ["d"]]
+    assert plan_shards(sizes, limit=10) == [["a", "b"], ["c"], ["d"]]
+    assert plan_shards(dict(reversed(sizes.items())), limit=10) == [["d"], ["c"], ["b", "a"]]  # the order given
+    assert shard_files(1) == ["model.safetensors"] and shard_files(2)[1] == "model-00002-of-00002.safetensors"
     import io
 
     stream = io.StringIO()

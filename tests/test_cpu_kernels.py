@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mlx_paligemma.torch_backend import cpu_kernels
+from mlx_paligemma.torch_backend.backend import cpu_kernels_available
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 
 
 # every row count: groups of four rows and each remainder; 301 and 257 weight rows: tiles of three and the rest

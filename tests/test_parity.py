@@ -237,12 +237,14 @@ def test_repetition_penalty_ids_equal_transformers(backend, name, penalty, oracl
 
 
 def _stop_strings(model, image, prompt: str, **settings) -> tuple[list[int], list[str]]:
-    """The ids of 24 tokens, and stop strings cut from the middle of their text (letters only)."""
+    """The ids of 24 tokens, and stop strings: two plain characters from the middle of their text
+    (never seen before there), and one that never comes."""
     ids = model.generate(image, prompt, max_tokens=24, min_tokens=24, **settings).token_ids
     text = model.tokenizer.decode(ids)
-    words = [w for w in re.findall(r"[a-z]{3,}", text[8:]) if w not in text[:8]]
-    assert words, text
-    return ids, [words[0][1:], words[-1] + "q"]  # the second never appears
+    runs = [m for m in re.finditer(r"[A-Za-z0-9 ,.!?']{2,}", text) if m.start() >= 4]
+    picks = [text[i : i + 2] for m in runs for i in range(m.start(), m.end() - 1) if text.find(text[i : i + 2]) == i]
+    assert picks, text
+    return ids, [picks[0], "qq\u00e9zz"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..backend import peak_rss_bytes
 from ..config import PaliGemmaConfig
+from ..hardware import cpu_info
 
 PROMPT = "caption en"
 DEFAULT_ENGINES = "ours-torch-bfloat16,ours-torch-int8,transformers-bfloat16"
@@ -361,16 +362,10 @@ def main(argv=None) -> int:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_info()
+    kind = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16") if f in cpu.flags) or "flags unknown"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB"
+    return f"{platform.system()} {platform.machine()}, {cpu.name} ({kind}), {os.cpu_count()} cores, {mem:.0f} GiB"
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ a 3B checkpoint never exists whole in memory while it is written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import math
 from pathlib import Path
 
 import numpy as np
 
-from ..demo import build_tokenizer, cache_root, hub_name
+from ..demo import build_tokenizer, hub_name, init_rule
+from ..files import atomic_folder, cache_root
 
 # the real shapes (config.json of google/paligemma2-*-pt-* and google/paligemma-3b-pt-*)
 TEXT_SHAPES = {
@@ -63,41 +62,19 @@ def _bf16_bytes(x: np.ndarray) -> bytes:
     return rounded.astype(np.uint16).tobytes()
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    if name.startswith("text.") and name.endswith("norm.weight"):
-        return rng.normal(0.0, 0.1, shape)  # Gemma norms scale by (1 + w)
-    if name.endswith(("layer_norm1.weight", "layer_norm2.weight", "post_layernorm.weight")):
-        return 1.0 + rng.normal(0.0, 0.1, shape)
-    if name.endswith("bias"):
-        return rng.normal(0.0, 0.02, shape)
-    if name == "text.embed_tokens.weight":
-        return rng.normal(0.0, 0.3 / np.sqrt(shape[-1]), shape)
-    fan_in = int(np.prod(shape[1:]))
-    return rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
-
-
 def write_random_checkpoint(folder: Path, config: dict, seed: int = 0, progress=None) -> Path:
     """Tokenizer, config and bf16 safetensors shards (hub layout, with an index) in `folder`."""
-    from ..checkpoint import expected_shapes
+    from ..checkpoint import expected_shapes, plan_shards, shard_files
     from ..config import PaliGemmaConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer(folder / "tokenizer.model", text_pieces=256000)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     shapes = expected_shapes(PaliGemmaConfig.from_dict(config))
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
+    shards = plan_shards({name: math.prod(shape) * 2 for name, shape in shapes.items()}, SHARD_BYTES)
     rng = np.random.default_rng(seed)
     weight_map = {}
-    for i, names in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for fname, names in zip(shard_files(len(shards)), shards):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in names:
             n = int(np.prod(shapes[name])) * 2
@@ -110,7 +87,7 @@ def write_random_checkpoint(folder: Path, config: dict, seed: int = 0, progress=
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for name in names:
-                f.write(_bf16_bytes(_random_tensor(name, shapes[name], rng).astype(np.float32)))
+                f.write(_bf16_bytes(rng.normal(*init_rule(name, shapes[name], gain=1.0), shapes[name]).astype(np.float32)))
                 if progress:
                     progress(name)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -123,11 +100,6 @@ def full_size_checkpoint(name: str = "3b-224", layers: int | None = None, seed: 
     folder = cache_root() / tag
     if (folder / "model.safetensors.index.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, replace=False) as tmp:
         write_random_checkpoint(tmp, full_config(name, layers), seed, progress)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

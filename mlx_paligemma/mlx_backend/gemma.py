@@ -73,7 +73,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TextConfig, layer: int):
+    def __init__(self, config: TextConfig):
         super().__init__()
         dim, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
@@ -131,7 +131,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.sliding = config.is_sliding(layer)
         self.sandwich = config.is_gemma2
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)

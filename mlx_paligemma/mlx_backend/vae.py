@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..vae import GRID, HIDDEN, UP_CHANNELS
+from ..config import GRID, HIDDEN, UP_CHANNELS
 
 
 class ResBlock(nn.Module):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import platform
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,10 +13,12 @@ import torch.nn as nn
 from ..backend import Backend, State, attention_masks
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import CheckpointError, SettingError
-from .cache import make_cache
-from .paligemma import PaliGemma
+from ..hardware import cpu_info
 from . import cpu_kernels, lora
-from .quantize import QuantizedEmbedding, QuantizedLinear, int8_per_channel, mlx_dequantize, mlx_unpack, use_int8_kernels
+from .cache import make_cache
+from .gemma import Attention
+from .paligemma import PaliGemma
+from .quantize import QuantizedEmbedding, QuantizedLinear, int8_per_channel, mlx_dequantize, mlx_unpack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,20 +52,23 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether the CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); else it is emulated, slower than float32."""
+    """Whether the CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16); else it is emulated,
+    slower than float32. Unknown flags (macOS, Windows) count as emulated: float32 is the safe choice."""
+    cpu = cpu_info()
     if not torch.backends.mkldnn.is_available():
         return False
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False  # macOS, Windows: no cheap way to ask; float32 is the safe choice
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    if platform.machine() in ("aarch64", "arm64"):
-        return "bf16" in flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    if cpu.arm:
+        return "bf16" in cpu.flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu.flags)
+
+
+def cpu_kernels_available() -> bool:
+    """Whether our decode kernels run here: an x86 CPU with AVX2 and FMA where they build
+    (MLX_PALIGEMMA_NO_KERNELS set turns them off)."""
+    cpu = cpu_info()
+    if os.environ.get("MLX_PALIGEMMA_NO_KERNELS") or not cpu.x86 or not {"avx2", "fma"} <= cpu.flags:
+        return False
+    return cpu_kernels.build() is not None
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> str:
@@ -75,7 +79,7 @@ def pick_dtype(dtype: str | None, device: torch.device) -> str:
     if dtype is None:
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        if device.type == "cpu" and (cpu_has_fast_bf16() or cpu_kernels.available()):
+        if device.type == "cpu" and (cpu_has_fast_bf16() or cpu_kernels_available()):
             return "bfloat16"
         return "float32"
     if dtype not in DTYPES:
@@ -93,6 +97,28 @@ def sanitize(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if not w.dtype.is_floating_point:
         return w  # packed quantized weights (MLX uint32) keep their integer type
     return w.to(dtype).contiguous()
+
+
+def use_cpu_kernels(model: PaliGemma) -> None:
+    """Put the CPU kernels' layers in place of bfloat16 nn.Linear, int8 QuantizedLinear and the tied
+    embedding (explicit module replacement, as gpt-fast's quantize does), and turn on the attention
+    products that read the cache while decoding. int4 layers keep torch's kernel."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, Attention):
+            module.kernels = True
+            continue
+        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
+            layer = cpu_kernels.KernelLinear(module.weight.data, module.bias)
+        elif isinstance(module, QuantizedLinear) and module.bits == 8:
+            layer = cpu_kernels.KernelLinear(module.weight, scale=module.scales)
+        elif isinstance(module, QuantizedEmbedding):
+            layer = cpu_kernels.KernelEmbedding(module.weight, module.scales)
+        elif isinstance(module, nn.Embedding) and path == "text.embed_tokens" and module.weight.dtype == torch.bfloat16:
+            layer = cpu_kernels.KernelEmbedding(module.weight.data)
+        else:
+            continue
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
 
 
 def quantizable(path: str, module: nn.Module) -> bool:
@@ -136,11 +162,10 @@ class TorchBackend(Backend):
         with torch.no_grad():
             self._load(checkpoint, bool(stored_q))
         self.model.eval()
-        self.kernels = self._device.type == "cpu" and not cpu_has_fast_bf16() and cpu_kernels.available()
+        self.kernels = self._device.type == "cpu" and not cpu_has_fast_bf16() and cpu_kernels_available()
         if self.kernels:
             # this CPU emulates bfloat16: stream bf16/int8 weights through our kernels instead
-            cpu_kernels.use_kernels(self.model)
-            use_int8_kernels(self.model)
+            use_cpu_kernels(self.model)
 
     def _load(self, checkpoint: Checkpoint, stored_q: bool) -> None:
         expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}

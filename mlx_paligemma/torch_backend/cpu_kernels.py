@@ -8,13 +8,12 @@ reach most of it by widening each weight to float32 in registers, next to the mu
 `y[m, n] = sum_k x[m, k] * W[n, k]` (times scale[n] for int8), float32 accumulation, for up to
 MAX_ROWS rows of x at once (a batch reads each weight once). Built on first use with the
 system's C++ compiler through torch.utils.cpp_extension and cached; where that is not possible
-`available()` is False and the caller keeps PyTorch's own kernels.
+`build()` is None and the backend keeps PyTorch's own kernels. This module imports nothing of the
+package: the backend decides where the kernels run and puts their layers in the model.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import warnings
 
 import torch
@@ -227,13 +226,15 @@ _module = None
 _tried = False
 
 
-def _load():
+def build():
+    """The compiled kernels (built on first use, then cached by torch), or None where they cannot be built.
+
+    Whether this CPU should use them (x86 with AVX2 and FMA) is the backend's decision, not this module's.
+    """
     global _module, _tried
     if _tried:
         return _module
     _tried = True
-    if os.environ.get("MLX_PALIGEMMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
-        return None
     try:
         from torch.utils.cpp_extension import load_inline
 
@@ -248,33 +249,24 @@ def _load():
     return _module
 
 
-def available() -> bool:
-    """Whether this CPU has AVX2/FMA and the kernels could be built."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags and _load() is not None
-
-
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(M <= MAX_ROWS, K) float32 @ (N, K) bfloat16 weights -> (M, N) float32."""
-    return _load().gemv_bf16(x, w)
+    return build().gemv_bf16(x, w)
 
 
 def gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(M <= MAX_ROWS, K) float32 @ (N, K) int8 weights * scale[n] -> (M, N) float32."""
-    return _load().gemv_int8(x, w, scale)
+    return build().gemv_int8(x, w, scale)
 
 
 def attention_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(B, G, R, D) float32 queries . (B, G, S, D) float32 keys (a view of the cache) -> (B, G, R, S)."""
-    return _load().attention_scores(q.contiguous(), keys)
+    return build().attention_scores(q.contiguous(), keys)
 
 
 def attention_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """(B, G, R, S) float32 weights @ (B, G, S, D) float32 values (a view of the cache) -> (B, G, R, D)."""
-    return _load().attention_values(weights.contiguous(), values)
+    return build().attention_values(weights.contiguous(), values)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,29 +293,40 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
 
 
 class KernelLinear(nn.Module):
-    """A bias-optional nn.Linear on bfloat16 weights that multiplies with `linear`."""
+    """A linear layer that multiplies with `linear`: bfloat16 weights (and an optional bias), or int8
+    weights with a float32 scale per output row. The backend puts it in place of nn.Linear and of
+    int8 QuantizedLinear layers."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        if scale is None:
+            self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        else:
+            self.register_buffer("weight", weight.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, self.scale)
         return y if self.bias is None else y + self.bias
 
 
-def use_kernels(model: nn.Module) -> None:
-    """Swap every bfloat16 nn.Linear for a KernelLinear and give the tied embedding the kernel head."""
-    for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, KernelLinear(module.weight.data, module.bias))
-    from .gemma import Attention  # here: gemma imports this module
+class KernelEmbedding(nn.Module):
+    """The tied embedding whose output-head product is `linear`: bfloat16 rows, or int8 rows with a
+    scale each (`scales` in the compute dtype for looking rows up, a float32 copy for the head)."""
 
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.kernels = True  # the attention products that read the cache
-    embed = model.text.embed_tokens
-    if isinstance(embed, nn.Embedding) and embed.weight.dtype == torch.bfloat16:
-        embed.as_linear = lambda h, w=embed.weight: linear(h, w)
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None):
+        super().__init__()
+        if scales is None:
+            self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        else:
+            self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("scales", scales)
+        self.register_buffer("head_scales", None if scales is None else scales.float().contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids]
+        return rows if self.scales is None else rows.to(self.scales.dtype) * self.scales[ids, None]
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.head_scales)

@@ -47,56 +47,32 @@ class Embedding(nn.Embedding):
         return F.linear(x, self.weight)
 
 
-_last_tables: list = [None]  # (key, (cos, sin)) of the last step, replaced whole so threads never mix halves
-
-
-def rope_tables(inv_freq: torch.Tensor, offset: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (L, hd) for positions offset .. offset + L; every layer of a step shares them."""
-    key = (float(inv_freq[-1]), inv_freq.numel(), offset, length, device, dtype)
-    entry = _last_tables[0]
-    if entry is not None and entry[0] == key:
-        return entry[1]
-    positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq.to(device)[None, :]  # (L, hd/2)
-    angles = torch.cat((freqs, freqs), dim=-1)
-    tables = (angles.cos().to(dtype), angles.sin().to(dtype))
-    _last_tables[0] = (key, tables)
-    return tables
-
-
-def rope(x: torch.Tensor, inv_freq: torch.Tensor, offset: int) -> torch.Tensor:
-    """transformers' RoPE (rotate_half): angles in float32, cos and sin cast to x's dtype.
-
-    x is (B, n, L, hd) at positions offset .. offset + L.
-    """
-    cos, sin = rope_tables(inv_freq, offset, x.shape[2], x.device, x.dtype)
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' RoPE (rotate_half) of x (B, n, L, hd) with the tables (L, hd) of its positions."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TextConfig, layer: int):
+    def __init__(self, config: TextConfig):
         super().__init__()
         dim, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         self.scale = config.attn_scale
         self.softcap = config.attn_logit_softcapping
-        self.kernels = False  # set by cpu_kernels.use_kernels
-        # computed on the CPU in float32 as transformers does (not a buffer: the model is built on "meta")
-        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device="cpu") / hd))
+        self.kernels = False  # decoding's attention products on the CPU kernels (the torch backend sets it)
         self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache, offset: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache, offset: int, rope_tables: tuple) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(1, 2)  # (B, nh, L, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, nkv, L, hd)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)
-        # positions count from 1, as in transformers (with RoPE only rounding differs from 0)
-        q = rope(q, self.inv_freq, offset + 1)
-        k = rope(k, self.inv_freq, offset + 1)
+        q = rope(q, *rope_tables)
+        k = rope(k, *rope_tables)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v, offset)
             q = q.to(k.dtype)  # attention runs in the cache's dtype (float32 on CPUs that emulate bf16)
@@ -141,7 +117,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.sliding = config.is_sliding(layer)
         self.sandwich = config.is_gemma2
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -149,9 +125,9 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, masks: dict, cache, offset: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: dict, cache, offset: int, rope_tables: tuple) -> torch.Tensor:
         mask = masks["sliding" if self.sliding else "full"]
-        h = self.self_attn(self.input_layernorm(x), mask, cache, offset)
+        h = self.self_attn(self.input_layernorm(x), mask, cache, offset, rope_tables)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -167,6 +143,17 @@ class GemmaModel(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        hd = config.head_dim
+        # computed on the CPU in float32 as transformers does (not a buffer: the model is built on "meta")
+        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device="cpu") / hd))
+
+    def rope_tables(self, offset: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (L, hd) of positions offset .. offset + L: angles in float32, cast to the compute
+        dtype, as transformers does. Computed once a forward for all the layers."""
+        positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # (L, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # text embeddings are scaled by sqrt(hidden), the scale (a float32 scalar) cast to the compute dtype first
@@ -175,8 +162,10 @@ class GemmaModel(nn.Module):
 
     def forward(self, h: torch.Tensor, masks: dict, cache: list | None, offset: int) -> torch.Tensor:
         """Hidden states (B, L, D) after the final norm."""
+        # positions count from 1, as in transformers (with RoPE only rounding differs from 0)
+        tables = self.rope_tables(offset + 1, h.shape[1], h.device, h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks, cache[i] if cache is not None else None, offset)
+            h = layer(h, masks, cache[i] if cache is not None else None, offset, tables)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

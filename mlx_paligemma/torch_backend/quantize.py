@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from ..errors import SettingError
-from . import cpu_kernels
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 ROWS = 4096  # quantize this many output channels at a time: one float32 copy of a chunk, never of a whole matrix
@@ -133,8 +132,6 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.bits == 8 and getattr(self, "scales_f32", None) is not None:
-            return cpu_kernels.linear(x, self.weight, self.scales_f32)
         if self.bits == 8:
             y = int8_product(flat, self.weight, self.scales)
         elif torch.is_grad_enabled() and flat.requires_grad:
@@ -160,8 +157,6 @@ class QuantizedEmbedding(nn.Module):
         return self.weight[ids].to(self.scales.dtype) * self.scales[ids, None]
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "scales_f32", None) is not None:
-            return cpu_kernels.linear(x, self.weight, self.scales_f32)
         flat = x.reshape(-1, x.shape[-1])
         return int8_product(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
 
@@ -183,9 +178,3 @@ def check_int4(name: str, N: int, K: int, group_size: int, device: torch.device)
             f"{group_size} and outputs a multiple of {rows}"
         )
 
-
-def use_int8_kernels(model: nn.Module) -> None:
-    """On CPUs with the streaming kernels, int8 layers multiply with them (float32 scales kept beside)."""
-    for module in model.modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and getattr(module, "bits", 8) == 8:
-            module.scales_f32 = module.scales.float().contiguous()

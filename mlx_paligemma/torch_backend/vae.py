@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..vae import GRID, HIDDEN, UP_CHANNELS
+from ..config import GRID, HIDDEN, UP_CHANNELS
 
 
 class ResBlock(nn.Module):
