@@ -4,12 +4,17 @@
     paligemma bench --engines ours-torch-bfloat16,transformers-bfloat16 --runs 5
     paligemma bench --config 3b-224 --layers 4 --engines ours-mlx-float32,mlx-vlm-float32
     paligemma bench --batch 1,4,8 --engines ours-torch-bfloat16
+    paligemma bench --train --engines ours-torch-bfloat16,ours-mlx-int4,transformers-bfloat16
 
 A full-size random-weight checkpoint (hub layout, bf16) is written once and cached. Generation
 length is forced (eos ignored) so that every engine does the same work: a prompt on one image,
 then 64 new tokens. Reported per engine, median and spread over the runs: load time, vision
 time, time to first token, decode tokens/s, peak resident memory; plus the memory bandwidth
 measured on the spot and the decode ceiling it implies.
+
+`--train` times LoRA training steps instead (r 8 on q,k,v,o,gate,up,down, AdamW), each engine on
+the same row (one image, `caption en`, TRAIN_SUFFIX): forward, backward and optimizer step, after
+one warm-up step; transformers runs with PEFT (`get_peft_model`) on the same base.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ PROMPT = "caption en"
 DEFAULT_ENGINES = "ours-torch-bfloat16,ours-torch-int8,transformers-bfloat16"
 ENGINE_KINDS = ("ours-torch", "ours-mlx", "transformers", "mlx-vlm")
 VARIANTS = ("float32", "bfloat16", "float16", "int8", "int4")
+TRAIN_SUFFIX = "an astronaut in a white suit stands on the moon beside a flag, the earth low in a black sky"
+LORA_RANK, LORA_ALPHA = 8, 16.0
 
 
 def bench_image(name: str = "astronaut.jpg") -> np.ndarray:
@@ -188,9 +195,73 @@ def _forced_length(config: PaliGemmaConfig):
     return processor
 
 
+def worker_train_ours(kind: str, variant: str, folder: Path, steps: int) -> dict:
+    import mlx_paligemma as pg
+    from mlx_paligemma.adapter import LoraConfig
+    from mlx_paligemma.training import make_batch
+
+    backend = "torch" if kind == "ours-torch" else "mlx"
+    quantize = {"int8": 8, "int4": 4}.get(variant)
+    model = pg.load(folder, backend=backend, dtype="bfloat16" if quantize else variant, quantize=quantize)
+    model.add_lora(LoraConfig(r=LORA_RANK, alpha=LORA_ALPHA))
+    trainer = model.backend.trainer(lr=1e-4)
+    batch = make_batch(model, [bench_image()], [PROMPT], [TRAIN_SUFFIX])
+
+    def step():
+        loss, n = trainer.accumulate(batch)
+        trainer.update(n)
+        return loss / n
+
+    return _train_steps(step, steps, batch.n_tokens, int(batch.n_targets))
+
+
+def worker_train_transformers(variant: str, folder: Path, steps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import PaliGemmaForConditionalGeneration
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, variant), attn_implementation="eager")
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets))
+    model.train()
+    config = PaliGemmaConfig.from_file(folder / "config.json")
+    inputs = hf_processor(folder, config)(images=bench_image(), text="<image>" + PROMPT, suffix=TRAIN_SUFFIX, return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return _train_steps(step, steps, int(inputs["input_ids"].numel()), int((inputs["labels"] != -100).sum()))
+
+
+def _train_steps(step, steps: int, tokens: int, targets: int) -> dict:
+    first = step()  # warm-up: kernels, allocator, optimizer state
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        last = step()
+        times.append(time.perf_counter() - t0)
+    s = statistics.median(times)
+    return {"step_s": s, "tokens_per_s": tokens / s, "tokens": tokens, "targets": targets, "first_loss": first,
+            "last_loss": last, "peak_rss_bytes": peak_rss_bytes()}
+
+
 def worker(args) -> int:
     kind, variant = parse_engine(args.worker)
     folder = Path(args.folder)
+    if args.train_steps:
+        if kind == "transformers":
+            result = worker_train_transformers(variant, folder, args.train_steps)
+        elif kind in ("ours-torch", "ours-mlx"):
+            result = worker_train_ours(kind, variant, folder, args.train_steps)
+        else:
+            raise SystemExit(f"--train: {kind} has no training mode")
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
     if kind in ("ours-torch", "ours-mlx"):
         result = worker_ours(kind, variant, folder, args.tokens, args.batch_size)
     elif kind == "transformers":
@@ -235,9 +306,9 @@ def decode_bytes_per_token(config, variant: str) -> float:
     return per_layer * t.num_hidden_layers * per_weight + head_bytes
 
 
-def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict) -> dict:
+def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict, train_steps: int = 0) -> dict:
     cmd = [sys.executable, "-m", "mlx_paligemma.dev.bench", "--worker", engine, "--folder", str(folder),
-           "--tokens", str(tokens), "--batch-size", str(batch)]
+           "--tokens", str(tokens), "--batch-size", str(batch), "--train-steps", str(train_steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -275,7 +346,13 @@ def _fmt(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
     return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
-def table(summary: dict[str, dict], batch_mode: bool) -> str:
+def table(summary: dict[str, dict], batch_mode: bool, train: bool = False) -> str:
+    if train:
+        head = "| engine | training step s | tokens/s | loss, first -> last step | peak RSS GB |\n|---|---|---|---|---|\n"
+        rows = [f"| {e} | {_fmt(s, 'step_s')} | {_fmt(s, 'tokens_per_s', digits=1)} | "
+                f"{_fmt(s, 'first_loss')} -> {_fmt(s, 'last_loss')} | {_fmt(s, 'peak_rss_bytes', 1e-9)} |"
+                if "error" not in s else f"| {e} | error: {s['error']} ||||" for e, s in summary.items()]
+        return head + "\n".join(rows)
     if batch_mode:
         head = ("| engine | batch | aggregate tokens/s | x single stream, same round | time to first token s | peak RSS GB |\n"
                 "|---|---|---|---|---|---|\n")
@@ -310,9 +387,13 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--train", action="store_true", help="time LoRA training steps (see above) instead of generation")
+    ap.add_argument("--train-steps", type=int, default=0, help="timed training steps per run, after a warm-up step (--train: default 2)")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.train and not args.train_steps:
+        args.train_steps = 2
 
     from .fullsize import full_size_checkpoint
 
@@ -337,7 +418,7 @@ def main(argv=None) -> int:
     for run in range(args.runs):
         for e, b in (pairs if run % 2 == 0 else pairs[::-1]):
             print(f"run {run + 1}/{args.runs}: {e}" + (f" batch {b}" if args.batch else ""), file=sys.stderr)
-            results[e, b].append(run_engine(e, folder, args.tokens, b, env))
+            results[e, b].append(run_engine(e, folder, args.tokens, b, env, args.train_steps if args.train else 0))
     for e, b in pairs:
         if 1 in sizes and b != 1:
             add_ratio_to_single(results[e, b], results[e, 1])
@@ -347,13 +428,15 @@ def main(argv=None) -> int:
     report = {
         "date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "config": args.config,
         "layers": args.layers, "tokens": args.tokens, "prompt": PROMPT,
+        "train": {"steps": args.train_steps, "suffix": TRAIN_SUFFIX, "rank": LORA_RANK, "alpha": LORA_ALPHA} if args.train else None,
         "memory_read_gb_s": bandwidth, "decode_ceiling_tokens_per_s": ceilings,
         "summary": summary, "runs": raw,
         "command": "paligemma bench " + " ".join(a for a in (argv or sys.argv[1:])),
     }
-    print(table(summary, bool(args.batch)))
-    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s; decode ceiling (weights read per token / bandwidth): "
-          + ", ".join(f"{e} {c:.1f} tokens/s" for e, c in ceilings.items()))
+    print(table(summary, bool(args.batch), args.train))
+    if not args.train:
+        print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s; decode ceiling (weights read per token / bandwidth): "
+                + ", ".join(f"{e} {c:.1f} tokens/s" for e, c in ceilings.items()))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
