@@ -19,7 +19,7 @@ from .checkpoint import open_checkpoint
 from .config import PaliGemmaConfig
 from .errors import PromptError, SettingError
 from .generate import Stats, generate_steps, left_pad
-from .processor import pixel_values
+from .processor import ImageSettings, pixel_values, read_image_settings
 from .sampling import LogitsProcessor, SamplingParams, logits_processors
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -74,6 +74,8 @@ def load(
         # a size that does not divide the widths makes mx.quantize fail
         checkpoint.config.check_group_size(group_size)
     tokenizer = Tokenizer(checkpoint.folder)
+    config = checkpoint.config
+    images = read_image_settings(checkpoint.folder, config.image_size, config.num_image_tokens)
     if chosen == "mlx":
         from .mlx_backend.backend import MLXBackend
 
@@ -86,7 +88,7 @@ def load(
         from .torch_backend.backend import TorchBackend
 
         engine = TorchBackend(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
-    model = Model(engine, tokenizer, source=str(path_or_repo))
+    model = Model(engine, tokenizer, source=str(path_or_repo), images=images)
     if vae is not None:
         model.vae = model.load_vae(vae)
     if adapter is not None:
@@ -95,10 +97,11 @@ def load(
 
 
 class Model:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, source: str = ""):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, source: str = "", images: ImageSettings | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.config = backend.config
+        self.images = images or ImageSettings(self.config.image_size)  # the checkpoint's preprocessor_config.json
         self.source = source
         self.is_demo = self.config.demo
         self.last: Generation | None = None
@@ -195,7 +198,7 @@ class Model:
     def _iterate(self, images, prompts, params: SamplingParams, processors: Sequence[LogitsProcessor]):
         """Yield (row, text piece) as tokens arrive; return the list of Generations."""
         rows = [self.prompt_ids(p) for p in prompts]
-        pixels, sizes = pixel_values(images, self.config.image_size)
+        pixels, sizes = pixel_values(images, self.images)
         ids, pad = left_pad(rows, self.config.pad_token_id)
         stats = Stats()
         out: list[list[int]] = [[] for _ in rows]
@@ -203,7 +206,7 @@ class Model:
         decoders = [StreamDecoder(self.tokenizer, params.stop) for _ in rows]
         processors = logits_processors(params, rows) + list(processors)
         for tokens, kept in generate_steps(
-            self.backend, ids, pad, lambda: self._features_for(pixels), params, self.tokenizer.eos_id,
+            self.backend, ids, pad, lambda: self._features_for(pixels), params, self.config.eos_token_ids,
             self.vocab_limit, self.context_len, stats, processors, ended,
         ):
             for b in np.flatnonzero(kept):
@@ -262,7 +265,7 @@ class Model:
             ids = ids + (self.tokenizer.encode(suffix) if isinstance(suffix, str) else [int(t) for t in suffix])
         if len(ids) > self.context_len:
             raise PromptError(f"prompt and suffix are {len(ids)} tokens, the model's context is {self.context_len}")
-        pixels, _ = pixel_values([image], self.config.image_size)
+        pixels, _ = pixel_values([image], self.images)
         return self.backend.forward_logits(np.array([ids]), self._features_for(pixels), prefix_len)
 
     def generate_batch(

@@ -61,8 +61,8 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def greedy(self, logits: Any, vocab_limit: int, banned: int | None) -> Any:
-        """Argmax over ids < vocab_limit (never `banned`) on the device -> a handle for decode/host_ids."""
+    def greedy(self, logits: Any, vocab_limit: int, banned: list[int] | None) -> Any:
+        """Argmax over ids < vocab_limit (never one of `banned`) on the device -> a handle for decode/host_ids."""
 
     @abstractmethod
     def host_ids(self, handle: Any) -> np.ndarray:

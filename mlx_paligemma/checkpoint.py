@@ -26,7 +26,7 @@ FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safet
 # the small files a loader reads next to the weights, copied with them into a converted or merged folder
 COPIED_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "generation_config.json", "preprocessor_config.json",
+    "added_tokens.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
 )
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1,

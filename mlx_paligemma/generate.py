@@ -57,7 +57,7 @@ def generate_steps(
     pad: np.ndarray,
     features: Callable[[], Any],
     params: SamplingParams,
-    eos_id: int,
+    eos_ids: Sequence[int],
     vocab_limit: int,
     context_len: int,
     stats: Stats | None = None,
@@ -67,8 +67,8 @@ def generate_steps(
     """Yield (tokens (B,), kept (B,) bool) per step; kept[b]: the id is part of row b's answer.
 
     `features` is called once, inside the timing, to get the image features on the device.
-    `ended[b]` says why row b ended, "" while it runs. The loop ends a row at eos (allowed after
-    params.min_tokens; the eos id is not kept), after params.max_tokens ("max_tokens") or at the
+    `ended[b]` says why row b ended, "" while it runs. The loop ends a row at any of the eos ids
+    (allowed after params.min_tokens; the eos id is not kept), after params.max_tokens ("max_tokens") or at the
     context limit ("context"). Between steps the caller may end a row with a reason of its own
     (a stop string, a client gone); generation stops when every row has ended.
     Logits processors (see sampling) run on the host before the choice of each id.
@@ -83,6 +83,9 @@ def generate_steps(
     generated = np.zeros((B, max_tokens), dtype=np.int64)
     # greedy without processors chooses on the device: only the ids come to the host
     on_host = params.temperature > 0 or bool(processors)
+    stops = set(int(i) for i in eos_ids)
+    # an eos id past the vocabulary limit can never be drawn, so there is nothing to ban
+    bannable = [i for i in stops if 0 <= i < vocab_limit]
     backend.reset_peak_memory()
     start = time.perf_counter()
     feats = features()
@@ -90,7 +93,7 @@ def generate_steps(
     state, logits = backend.prefill(input_ids, feats, pad, prefix_len=T)
     first = None
     for step in range(max_tokens):
-        banned = eos_id if step < params.min_tokens else None
+        banned = bannable if step < params.min_tokens and bannable else None
         last = step + 1 == max_tokens
         following = None
         if on_host:
@@ -111,9 +114,9 @@ def generate_steps(
             first = time.perf_counter()
             stats.ttft_s = first - start
         generated[:, step] = tokens
-        kept = np.array([not ended[b] and tokens[b] != eos_id for b in range(B)])
+        kept = np.array([not ended[b] and int(tokens[b]) not in stops for b in range(B)])
         for b in range(B):
-            if not ended[b] and tokens[b] == eos_id:
+            if not ended[b] and int(tokens[b]) in stops:
                 ended[b] = "eos"
         if kept.any():
             stats.generated_tokens = step + 1

@@ -69,7 +69,7 @@ def make_batch(model, images, prompts, suffixes) -> Batch:
         ids[b, : len(row)] = row
         # position t predicts token t + 1: the last prefix position predicts the first suffix token
         targets[b, p - 1 : len(row) - 1] = row[p:]
-    pixels, _ = pixel_values(list(images), model.config.image_size)
+    pixels, _ = pixel_values(list(images), model.images)
     return Batch(ids, targets, np.array(prefix_lens), np.array([len(r) for r in rows]), pixels)
 
 

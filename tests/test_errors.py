@@ -560,7 +560,7 @@ def test_generation_stops_at_eos_and_at_max_tokens(models, backend, monkeypatch)
     ids = g.token_ids
     # make a token the model is about to sample the eos: generation must end right before it
     k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
-    monkeypatch.setattr(model.tokenizer, "eos_id", ids[k])
+    monkeypatch.setattr(model.config, "eos_token_ids", (ids[k],))
     stopped = model.generate(IMAGE, "caption en", max_tokens=12, **kwargs)
     assert stopped.finished_by == "eos" and stopped.token_ids == ids[:k] and ids[k] not in stopped.token_ids
     assert stopped.stats.generated_tokens == k

@@ -183,10 +183,12 @@ class MLXBackend(Backend):
         logits = self.model(h, masks, cache, offset, last_only=True)[:, -1, :]
         return logits, [(c.keys, c.values) for c in cache]
 
-    def greedy(self, logits: mx.array, vocab_limit: int, banned: int | None) -> mx.array:
+    def greedy(self, logits: mx.array, vocab_limit: int, banned: list[int] | None) -> mx.array:
         logits = logits[:, :vocab_limit]
         if banned is not None:
-            logits = mx.where(mx.arange(vocab_limit) == banned, -mx.inf, logits)
+            mask = np.zeros(vocab_limit, dtype=bool)
+            mask[banned] = True
+            logits = mx.where(mx.array(mask), -mx.inf, logits)
         ids = mx.argmax(logits, axis=-1)
         mx.async_eval(ids)
         return ids

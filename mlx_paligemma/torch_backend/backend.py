@@ -279,7 +279,7 @@ class TorchBackend(Backend):
         return logits[:, -1, :]
 
     @torch.inference_mode()
-    def greedy(self, logits: torch.Tensor, vocab_limit: int, banned: int | None) -> "Greedy":
+    def greedy(self, logits: torch.Tensor, vocab_limit: int, banned: list[int] | None) -> "Greedy":
         logits = logits[:, :vocab_limit]
         if banned is not None:
             logits = logits.clone()
