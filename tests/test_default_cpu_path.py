@@ -129,7 +129,6 @@ def test_default_dtype_greedy_ids_equal_transformers_bf16(mode, name, bf16_model
     assert_same_ids_but_for_a_tie(
         ours, ref, lambda k: oracle.logits(image, prompt, ref[:k])[-1],
         lambda k: [out.scores[k][0].float().numpy(), model.logits(image, prompt, suffix=ref[:k])[-1]], vocab)
-    assert ours[:8] == ref[:8]  # the fixtures' first choices are decisive in any dtype
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -165,5 +164,4 @@ def test_default_dtype_batch_gives_each_rows_own_ids(mode, name, bf16_models, or
         assert_same_ids_but_for_a_tie(
             row.token_ids, alone, lambda k: oracle.logits(image, prompt, alone[:k])[-1],
             lambda k: [model.logits(image, prompt, suffix=alone[:k])[-1]], checkpoints[name].real_vocab)
-        assert row.token_ids[:3] == alone[:3]
     assert len({tuple(b.token_ids) for b in batch}) == 3
