@@ -8,8 +8,10 @@ logits of the last position out), except image features, which stay on the devic
 from __future__ import annotations
 
 import platform
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,7 +94,7 @@ class Backend(ABC):
         return peak_rss_bytes()
 
     def reset_peak_memory(self) -> None:
-        pass
+        reset_peak_rss()
 
     # fine-tuning: LoRA layers on the text decoder (adapter.py), the loss and a trainer (training.py)
 
@@ -199,12 +201,28 @@ def pick_backend(backend: str) -> str:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident bytes of this process since `reset_peak_rss` (Linux: VmHWM), else since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        import sys
-
         return int(peak if sys.platform == "darwin" else peak * 1024)
     except (ImportError, OSError):  # pragma: no cover - Windows
         return 0
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak at the current resident size (Linux: writing 5 to /proc/self/clear_refs
+    resets VmHWM), so that a generation's peak is its own and not the load's; False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

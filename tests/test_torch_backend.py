@@ -103,6 +103,80 @@ def test_bfloat16_equals_transformers_bfloat16(name, checkpoints, oracles, model
     assert rel_diff(model.logits(image, "ocr", suffix=suffix), oracle.logits(image, "ocr", suffix)) <= tolerance
 
 
+# the CPU kinds users have: native bf16 (x86 AVX512-BF16 or AMX, Arm BF16: PyTorch's products on
+# oneDNN), x86 with AVX2 alone (bf16 emulated: our kernels, float32 attention)
+CPU_KINDS = {"native-bf16": (True, False), "x86-avx2": (False, True)}
+PRODUCTS = ("aten::bmm", "aten::baddbmm", "aten::matmul", "aten::scaled_dot_product_attention")
+
+
+def load_as_cpu_kind(folder, kind: str, monkeypatch, **kw):
+    native, kernels = CPU_KINDS[kind]
+    monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: native)
+    if not kernels:
+        monkeypatch.setattr(tb, "cpu_kernels_available", lambda: False)
+    elif not tb.cpu_kernels_available():
+        pytest.skip("needs an x86 CPU with AVX2 and a C++ compiler")
+    return pg.load(folder, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("kind", list(CPU_KINDS))
+@pytest.mark.parametrize("name", ["pg2", "pg1"])
+def test_attention_in_the_default_dtype_never_copies_its_operands(name, kind, checkpoints, monkeypatch):
+    """A bf16 product on the CPU (oneDNN) copies any operand that is neither contiguous nor a
+    transposed contiguous matrix: strided views of the KV cache, or heads transposed out of a
+    projection. Those copies were most of a full-size prefill on a Xeon with AMX (and ran
+    whole decode steps long here). Counted in a profiled prefill and two decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = load_as_cpu_kind(checkpoints[name].folder, kind, monkeypatch)
+    assert model.backend.dtype == "bfloat16"  # the default on every kind
+    image = make_image(4)
+    model.generate(image, "caption en", max_tokens=3, min_tokens=3)  # warm-up
+    model._features.clear()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.generate(image, "caption en", max_tokens=3, min_tokens=3)
+    events = prof.events()
+    products = [e for e in events if e.name in PRODUCTS or "scaled_dot_product" in e.name]
+    assert products  # attention ran through PyTorch's products (the decode kernels aside)
+
+    def under_a_product(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name in PRODUCTS or "scaled_dot_product" in parent.name:
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    copies = [e for e in events if e.name == "aten::copy_" and under_a_product(e)]
+    assert not copies, f"{len(copies)} operand copies inside attention products"
+
+
+@pytest.mark.parametrize("kind", list(CPU_KINDS))
+def test_each_cpu_path_equals_transformers_bfloat16(kind, checkpoints, oracles, monkeypatch):
+    """The bf16 path of each CPU kind (its products, cache dtype and attention dtype) against
+    transformers in bf16; 2% of the range is bf16 rounding in another summation order."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    oracle = copy.copy(oracles("pg2"))
+    oracle.model = PaliGemmaForConditionalGeneration.from_pretrained(
+        checkpoints["pg2"].folder, dtype=torch.bfloat16,
+        attn_implementation={"": "eager", "vision_config": "sdpa", "text_config": "eager"}).eval()
+    model = load_as_cpu_kind(checkpoints["pg2"].folder, kind, monkeypatch, dtype="bfloat16")
+    image = make_image(2)
+    suffix = [5, 6, 7, 8, 9]
+    assert rel_diff(model.logits(image, "ocr", suffix=suffix), oracle.logits(image, "ocr", suffix)) <= 2e-2
+    # prefill, then decoding over the cache (float32, read in place), against transformers' full forward
+    from mlx_paligemma.processor import pixel_values
+
+    be = model.backend
+    ids = model.prompt_ids("ocr")
+    state, first = be.prefill(np.array([ids]), be.image_features(pixel_values([image], model.config.image_size)[0]),
+                              np.zeros(1, dtype=np.int64), len(ids))
+    cached = [be.to_numpy(first)[0]] + [be.to_numpy(be.decode(state, np.array([t])))[0] for t in suffix[:-1]]
+    full = oracle.logits(image, "ocr", suffix[:-1])[len(ids) - 1:]
+    assert rel_diff(np.stack(cached), full) <= 2e-2
+
+
 def test_cache_is_preallocated_and_written_in_place():
     cache = KVCache()
     cache.step = 4

@@ -8,10 +8,14 @@
 
 A full-size random-weight checkpoint (hub layout, bf16) is written once and cached. Generation
 length is forced (eos ignored) so that every engine does the same work: a prompt on one image,
-then 64 new tokens. Reported per engine, median and spread over the runs: load time, vision
-time, time to first token, decode tokens/s, peak resident memory; plus the memory bandwidth
-measured on the spot and the decode ceiling it implies.
-
+then 64 new tokens. Every engine is loaded, generates WARMUP_TOKENS once, then is timed on one
+generation: time to first token (from the call, image and prompt in hand) and decode rate from
+that same generation (transformers through a streamer), peak resident memory during it (Linux:
+VmHWM reset before it). Reported per engine, median and spread over the runs, with load and
+vision times; plus the memory bandwidth measured on the spot and the decode ceiling it implies,
+and our engines against transformers at its best (the faster of float32 and bfloat16; SigLIP on
+SDPA; the quantized ones too: torchao int8 weight-only `transformers-int8`, bitsandbytes
+`transformers-bnb8`).
 `--train` times LoRA training steps instead (r 8 on q,k,v,o,gate,up,down, AdamW), each engine on
 the same row (one image, `caption en`, TRAIN_SUFFIX): forward, backward and optimizer step, after
 one warm-up step; transformers runs with PEFT (`get_peft_model`) on the same base.
@@ -31,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import peak_rss_bytes
+from ..backend import peak_rss_bytes, reset_peak_rss
 from ..config import PaliGemmaConfig
 from ..hardware import cpu_info
 
 PROMPT = "caption en"
-DEFAULT_ENGINES = "ours-torch-bfloat16,ours-torch-int8,transformers-bfloat16"
+DEFAULT_ENGINES = "ours-torch-bfloat16,ours-torch-int8,transformers-float32,transformers-bfloat16,transformers-int8"
 ENGINE_KINDS = ("ours-torch", "ours-mlx", "transformers", "mlx-vlm")
-VARIANTS = ("float32", "bfloat16", "float16", "int8", "int4")
+VARIANTS = ("float32", "bfloat16", "float16", "int8", "int4", "bnb8")  # bnb8: transformers + bitsandbytes
 TRAIN_SUFFIX = "an astronaut in a white suit stands on the moon beside a flag, the earth low in a black sky"
 LORA_RANK, LORA_ALPHA = 8, 16.0
 
@@ -63,6 +67,9 @@ def parse_engine(name: str) -> tuple[str, str]:
 
 # --- workers: one engine, one process, one JSON line on stdout -------------------------------
 
+WARMUP_TOKENS = 2  # every engine generates this much once before it is timed, on the same image and prompt
+
+
 def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int) -> dict:
     import mlx_paligemma as pg
     from mlx_paligemma.processor import pixel_values
@@ -79,22 +86,32 @@ def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int) 
     feats = model.backend.image_features(pixels)
     _sync(model.backend, feats)
     vision_s = time.perf_counter() - t0
-    model._features.clear()  # the timed runs below start cold
     if batch:  # batch mode (also for a batch of 1, so that its row reads like the others)
         images = [np.ascontiguousarray(np.roll(image, 7 * i, axis=1)) for i in range(batch)]
+        model.generate_batch(images, [PROMPT] * batch, max_tokens=WARMUP_TOKENS, min_tokens=WARMUP_TOKENS)
+        model._features.clear()  # the timed run starts cold
+        reset_peak_rss()
         t0 = time.perf_counter()
         outs = model.generate_batch(images, [PROMPT] * batch, max_tokens=tokens, min_tokens=tokens)
         total = time.perf_counter() - t0
         s = outs[0].stats
-        return {"load_s": load_s, "vision_s": vision_s, "batch": batch, "ttft_s": s.ttft_s,
+        return {"load_s": load_s, "vision_s": vision_s, "batch": batch, "ttft_s": total - (s.total_s - s.ttft_s),
                 "aggregate_tokens_per_s": batch * (tokens - 1) / (s.total_s - s.ttft_s),
                 "total_s": total, "peak_rss_bytes": peak_rss_bytes()}
+    model.generate(image, PROMPT, max_tokens=WARMUP_TOKENS, min_tokens=WARMUP_TOKENS)
+    model._features.clear()  # the timed run starts cold
+    reset_peak_rss()
+    t0 = time.perf_counter()
     out = model.generate(image, PROMPT, max_tokens=tokens, min_tokens=tokens)
+    total = time.perf_counter() - t0
+    peak = peak_rss_bytes()
     again = model.generate(image, PROMPT, max_tokens=1, min_tokens=1)  # same image: features cached
     s = out.stats
-    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": s.ttft_s, "ttft_repeat_s": again.stats.ttft_s,
-            "decode_tokens_per_s": s.decode_tokens_per_s, "prompt_tokens": s.prompt_tokens,
-            "generated_tokens": s.generated_tokens, "peak_rss_bytes": peak_rss_bytes(), "device": s.device}
+    # first token timed from the call, as for the other engines: the whole wall time less the decoding after it
+    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": total - (s.total_s - s.ttft_s),
+            "ttft_repeat_s": again.stats.ttft_s, "decode_tokens_per_s": s.decode_tokens_per_s,
+            "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens, "peak_rss_bytes": peak,
+            "device": s.device}
 
 
 def _sync(backend, x) -> None:
@@ -125,32 +142,74 @@ def never_generated(config: PaliGemmaConfig) -> list[int]:
     return list(range(config.image_token_index, config.text.vocab_size))
 
 
-def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
+class TokenClock:
+    """A transformers streamer that notes when each batch of ids arrives (the prompt first, then each token)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def transformers_model(variant: str, folder: Path):
+    """transformers at its best on the CPU: SigLIP on SDPA (Gemma 2's softcap needs eager attention,
+    Gemma 1 takes SDPA too); int8 is torchao's weight-only int8, bnb8 bitsandbytes' 8-bit."""
     import torch
     from transformers import PaliGemmaForConditionalGeneration
 
+    text_attn = "eager" if PaliGemmaConfig.from_file(folder / "config.json").text.is_gemma2 else "sdpa"
+    kw = dict(attn_implementation={"": "sdpa", "vision_config": "sdpa", "text_config": text_attn})
+    if variant == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        kw.update(dtype=torch.bfloat16, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), device_map="cpu")
+    elif variant == "bnb8":
+        from transformers import BitsAndBytesConfig
+
+        kw.update(dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    else:
+        kw.update(dtype=getattr(torch, variant))
+    return PaliGemmaForConditionalGeneration.from_pretrained(folder, **kw).eval()
+
+
+def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
+    import torch
+
     t0 = time.perf_counter()
-    model = PaliGemmaForConditionalGeneration.from_pretrained(
-        folder, dtype=getattr(torch, variant), attn_implementation="eager").eval()
+    model = transformers_model(variant, folder)
     load_s = time.perf_counter() - t0
     config = PaliGemmaConfig.from_file(folder / "config.json")
     processor = hf_processor(folder, config)
-    inputs = processor(images=bench_image(), text="<image>" + PROMPT, return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    image = bench_image()
     kw = dict(do_sample=False, suppress_tokens=never_generated(config))
+    dtype = torch.float32 if variant == "float32" else torch.bfloat16
+
+    def run(n: int, clock=None):
+        inputs = processor(images=image, text="<image>" + PROMPT, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, streamer=clock, **kw)
+        return int(inputs["input_ids"].shape[1])
+
     with torch.inference_mode():
+        pixels = processor(images=image, text="<image>" + PROMPT, return_tensors="pt")["pixel_values"].to(dtype)
         t0 = time.perf_counter()
-        model.get_image_features(inputs["pixel_values"])
+        model.get_image_features(pixels)
         vision_s = time.perf_counter() - t0
+        run(WARMUP_TOKENS)
+        reset_peak_rss()
+        clock = TokenClock()
         t0 = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **kw)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
-        total = time.perf_counter() - t0
-    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": ttft,
-            "decode_tokens_per_s": (tokens - 1) / max(total - ttft, 1e-9),
-            "prompt_tokens": int(inputs["input_ids"].shape[1]), "generated_tokens": tokens,
+        prompt_tokens = run(tokens, clock)
+    first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt, put before the first forward
+    generated = len(clock.times) - 1
+    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": first - t0,
+            "decode_tokens_per_s": (generated - 1) / max(last - first, 1e-9),
+            "prompt_tokens": prompt_tokens, "generated_tokens": generated,
             "peak_rss_bytes": peak_rss_bytes(), "device": "cpu"}
 
 
@@ -165,19 +224,25 @@ def worker_mlx_vlm(variant: str, folder: Path, tokens: int) -> dict:
     model, processor = load(str(folder))
     if variant != "bfloat16":
         model.set_dtype(getattr(mx, variant))
-    load_s = time.perf_counter() - t0
+    load_s = time.perf_counter() - t0  # mlx-vlm loads lazily: part of its load is in its first token
     from PIL import Image
 
     image = Image.fromarray(bench_image())
-    first, t0, n = None, time.perf_counter(), 0
-    for _ in stream_generate(model, processor, "<image>" + PROMPT, image=[image], max_tokens=tokens,
-                             temperature=0.0, logits_processors=[_forced_length(config)]):
-        n += 1
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return {"load_s": load_s, "vision_s": float("nan"), "ttft_s": first - t0,
-            "decode_tokens_per_s": (n - 1) / max(end - first, 1e-9), "generated_tokens": n,
+
+    def run(n: int) -> list[float]:
+        times = []
+        for _ in stream_generate(model, processor, "<image>" + PROMPT, image=[image], max_tokens=n,
+                                 temperature=0.0, logits_processors=[_forced_length(config)]):
+            times.append(time.perf_counter())
+        return times
+
+    run(WARMUP_TOKENS)
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    times = run(tokens)
+    n = len(times)
+    return {"load_s": load_s, "vision_s": float("nan"), "ttft_s": times[0] - t0,
+            "decode_tokens_per_s": (n - 1) / max(times[-1] - times[0], 1e-9), "generated_tokens": n,
             "peak_rss_bytes": peak_rss_bytes(), "device": str(mx.default_device())}
 
 
@@ -301,7 +366,7 @@ def decode_bytes_per_token(config, variant: str) -> float:
     per_layer = (2 * t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim * t.hidden_size \
         + 3 * t.hidden_size * t.intermediate_size
     head = t.vocab_size * t.hidden_size
-    per_weight = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}[variant]
+    per_weight = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "bnb8": 1, "int4": 0.5}[variant]
     head_bytes = head * (1 if variant in ("int8", "int4") else per_weight)  # our quantized head is int8
     return per_layer * t.num_hidden_layers * per_weight + head_bytes
 
@@ -346,6 +411,35 @@ def _fmt(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
     return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
+def _median(entry: dict, key: str) -> float | None:
+    v = entry.get(key)
+    return v["median"] if isinstance(v, dict) and v["median"] == v["median"] else None
+
+
+def headline(summary: dict[str, dict]) -> list[str]:
+    """Each of our engines against transformers at its best: for each figure the faster of its float32
+    and bfloat16 runs (and, for our quantized engines, also its quantized runs)."""
+    def best(engines, key, higher):
+        found = [(_median(summary[e], key), e) for e in engines if _median(summary[e], key) is not None]
+        return (max if higher else min)(found) if found else None
+
+    ok = [e for e in summary if "error" not in summary[e]]
+    plain = [e for e in ok if e in ("transformers-float32", "transformers-bfloat16")]
+    quantized = [e for e in ok if e.startswith("transformers-") and e not in plain]
+    lines = []
+    for e in ok:
+        if not e.startswith("ours-"):
+            continue
+        for rivals, label in ((plain, "transformers float"), (quantized if "int" in e else [], "transformers quantized")):
+            decode, first = best(rivals, "decode_tokens_per_s", True), best(rivals, "ttft_s", False)
+            mine_decode, mine_first = _median(summary[e], "decode_tokens_per_s"), _median(summary[e], "ttft_s")
+            if decode and mine_decode:
+                lines.append(f"{e}: decode {mine_decode / decode[0]:.2f}x {decode[1]} (the faster {label})")
+            if first and mine_first:
+                lines.append(f"{e}: first token {mine_first / first[0]:.2f}x the time of {first[1]} (the faster {label})")
+    return lines
+
+
 def table(summary: dict[str, dict], batch_mode: bool, train: bool = False) -> str:
     if train:
         head = "| engine | training step s | tokens/s | loss, first -> last step | peak RSS GB |\n|---|---|---|---|---|\n"
@@ -354,14 +448,14 @@ def table(summary: dict[str, dict], batch_mode: bool, train: bool = False) -> st
                 if "error" not in s else f"| {e} | error: {s['error']} ||||" for e, s in summary.items()]
         return head + "\n".join(rows)
     if batch_mode:
-        head = ("| engine | batch | aggregate tokens/s | x single stream, same round | time to first token s | peak RSS GB |\n"
+        head = ("| engine | batch | aggregate tokens/s | x single stream, same round | time to first token s | peak RSS GB, this generation |\n"
                 "|---|---|---|---|---|---|\n")
         rows = [f"| {e} | {s.get('batch', {}).get('median', '-') if isinstance(s.get('batch'), dict) else '-'} | "
                 f"{_fmt(s, 'aggregate_tokens_per_s')} | {_fmt(s, 'ratio_to_single')} | {_fmt(s, 'ttft_s')} | "
                 f"{_fmt(s, 'peak_rss_bytes', 1e-9)} |"
                 if "error" not in s else f"| {e} | error: {s['error']} ||||" for e, s in summary.items()]
         return head + "\n".join(rows)
-    head = ("| engine | load s | vision s | first token s | first token, same image again s | decode tokens/s | peak RSS GB |\n"
+    head = ("| engine | load s | vision s | first token s | first token, same image again s | decode tokens/s | peak RSS GB, this generation |\n"
             "|---|---|---|---|---|---|---|\n")
     rows = []
     for e, s in summary.items():
@@ -434,9 +528,12 @@ def main(argv=None) -> int:
         "command": "paligemma bench " + " ".join(a for a in (argv or sys.argv[1:])),
     }
     print(table(summary, bool(args.batch), args.train))
+    if not args.batch and not args.train:
+        report["headline"] = headline(summary)
+        print("\n" + "\n".join(report["headline"]))
     if not args.train:
         print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s; decode ceiling (weights read per token / bandwidth): "
-                + ", ".join(f"{e} {c:.1f} tokens/s" for e, c in ceilings.items()))
+              + ", ".join(f"{e} {c:.1f} tokens/s" for e, c in ceilings.items()))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

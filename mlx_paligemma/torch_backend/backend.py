@@ -265,7 +265,9 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def prefill(self, input_ids, features, pad, prefix_len):
         # bf16 products are emulated on CPUs without bf16 instructions: keep keys and values in float32 there
-        cache = make_cache(self.config.text.num_hidden_layers, torch.float32 if self.kernels else None)
+        # float32 on every CPU: decoding reads the cache in place, and on the CPU only float32 products
+        # take its strided views without copying them (bf16 ones go through oneDNN, which copies them)
+        cache = make_cache(self.config.text.num_hidden_layers, torch.float32 if self._device.type == "cpu" else None)
         logits = self._forward(input_ids, features, pad, prefix_len, cache, last_only=True)
         return State(cache, input_ids.shape[1], pad, prefix_len), logits[:, -1, :]
 

@@ -48,9 +48,14 @@ class Embedding(nn.Embedding):
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' RoPE (rotate_half) of x (B, n, L, hd) with the tables (L, hd) of its positions."""
+    """transformers' RoPE (rotate_half) of x (B, n, L, hd) with the tables (L, hd) of its positions.
+
+    x may be strided (a transposed projection); the result is contiguous, so that attention multiplies
+    it in place: a sum takes the layout of its first operand, here the (contiguous) concatenation.
+    The same sum as transformers' x * cos + rotate_half(x) * sin, in the other (exact) order.
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((-x2, x1), dim=-1) * sin + x * cos
 
 
 class Attention(nn.Module):
@@ -70,12 +75,20 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(1, 2)  # (B, nh, L, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, nkv, L, hd)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)
+        # contiguous, as rope leaves q and k: a bf16 product on the CPU (oneDNN) copies any other layout
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2).contiguous()
         q = rope(q, *rope_tables)
         k = rope(k, *rope_tables)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v, offset)
-            q = q.to(k.dtype)  # attention runs in the cache's dtype (float32 on CPUs that emulate bf16)
+            cached = cache.update_and_fetch(k, v, offset)
+            # a prefill's filled positions are exactly k and v, contiguous: attending over them copies
+            # nothing, where a bf16 product on the CPU copies any strided view of the cache first.
+            # Decoding reads the cache in place, in its dtype (float32 on CPUs: those products take views).
+            if offset:
+                k, v = cached
+            elif self.kernels:
+                k, v = k.float(), v.float()  # bf16 products are emulated on this CPU: attention in float32
+        q = q.to(k.dtype)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:

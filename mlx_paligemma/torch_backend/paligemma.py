@@ -41,5 +41,7 @@ class PaliGemma(nn.Module):
         """Embedded inputs (B, L, D) -> logits (B, L or 1, vocab)."""
         h = self.text(h, masks, cache, offset)
         if last_only:
-            h = h[:, -1:, :]
+            # as a (B, D) matrix: a (B, 1, D) slice keeps the prefill's strides, and matmul then takes
+            # its batched path, which copies the whole (transposed) output head every prefill
+            return self.text.logits(h[:, -1].contiguous())[:, None]
         return self.text.logits(h)

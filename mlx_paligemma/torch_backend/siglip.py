@@ -73,7 +73,9 @@ class Embeddings(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # pixels (B, C, H, W) channels-first, as PyTorch convolutions take them
         x = self.patch_embedding(pixels)  # (B, D, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
+        # (B, N, D), patches in row-major order; contiguous once here, or the residual stream keeps the
+        # transposed layout and every layer norm copies its input
+        x = x.flatten(2).transpose(1, 2).contiguous()
         return x + self.position_embedding.weight
 
 
