@@ -20,6 +20,7 @@ from .config import PaliGemmaConfig
 from .errors import PromptError, SettingError
 from .generate import Stats, generate_steps, left_pad
 from .processor import ImageSettings, pixel_values, read_image_settings
+from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
 from .sampling import LogitsProcessor, SamplingParams, logits_processors
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -110,6 +111,7 @@ class Model:
         self.vocab_limit = min(tokenizer.vocab_size, self.config.text.vocab_size)
         self.context_len = self.config.text.max_position_embeddings
         self.vae = None  # the mask decoder, loaded by the first segment() unless given to load()
+        self._object_grammars: dict[bool, object] = {}  # segment? -> ObjectGrammar, built on first use
 
     def load_adapter(self, folder: str | os.PathLike) -> None:
         """Apply a LoRA adapter folder (PEFT's layout) to this model's text decoder."""
@@ -187,6 +189,25 @@ class Model:
         """`params` (or the defaults) with keyword settings replacing its fields, checked for this model."""
         return SamplingParams.from_settings(params, **settings).validate(self.context_len)
 
+    def _grammar(self, prompts: Sequence[str], params: SamplingParams, steps: int, sizes) -> list[LogitsProcessor]:
+        """With params.constrain: a processor holding each detect/segment row to the objects' grammar
+        (`steps`: the most tokens a row may generate; `sizes`: each row's original image size, where
+        masks are cut); no processor when no row needs one."""
+        if not params.constrain or not any(is_detection_prompt(p) for p in prompts):
+            return []
+        from .grammar import GrammarProcessor, ObjectGrammar
+
+        grammars = []
+        for prompt in prompts:
+            if not is_detection_prompt(prompt):
+                grammars.append(None)
+                continue
+            segment = is_segmentation_prompt(prompt)
+            if segment not in self._object_grammars:
+                self._object_grammars[segment] = ObjectGrammar(self.tokenizer, segment, self.vocab_limit)
+            grammars.append(self._object_grammars[segment])
+        return [GrammarProcessor(grammars, steps, self.tokenizer.eos_id, sizes)]
+
     def _run(self, images, prompts, params, processors) -> list[Generation]:
         gen = self._iterate(images, prompts, params, processors)
         while True:
@@ -204,7 +225,9 @@ class Model:
         out: list[list[int]] = [[] for _ in rows]
         ended = [""] * len(rows)
         decoders = [StreamDecoder(self.tokenizer, params.stop) for _ in rows]
-        processors = logits_processors(params, rows) + list(processors)
+        # the grammar comes last: whatever the other processors did, the answer stays well formed
+        steps = min(params.max_tokens, self.context_len - ids.shape[1])
+        processors = logits_processors(params, rows) + list(processors) + self._grammar(prompts, params, steps, sizes)
         for tokens, kept in generate_steps(
             self.backend, ids, pad, lambda: self._features_for(pixels), params, self.config.eos_token_ids,
             self.vocab_limit, self.context_len, stats, processors, ended,
@@ -233,7 +256,8 @@ class Model:
         """The answer to one prompt about one image.
 
         Settings as keywords (max_tokens, temperature, top_p, top_k, seed, min_tokens,
-        repetition_penalty, stop) or as a SamplingParams (keywords then replace its fields).
+        repetition_penalty, stop, constrain) or as a SamplingParams (keywords then replace its fields).
+        constrain=True holds a detect/segment prompt's answer to the objects' grammar (see grammar).
         logits_processors: extra `processor(generated, logits)` callables (see sampling).
         """
         params = self.sampling(params, **settings)
@@ -305,15 +329,24 @@ class Model:
             self.vae = self.load_vae(path)
         return self.vae
 
-    def segment(self, image, things: str, **kwargs) -> Generation:
+    def detect(self, image, things: str, params: SamplingParams | None = None, **settings) -> Generation:
+        """`detect things` on `image`: the Generation with `.detections` (boxes in pixels of the
+        original image). Settings as for `generate`; constrain=True keeps the answer well formed."""
+        from .detection import parse_detections
+
+        out = self.generate(image, task_prompt("detect", things), params, **settings)
+        out.detections = parse_detections(out.text, out.image_size)
+        return out
+
+    def segment(self, image, things: str, params: SamplingParams | None = None, **settings) -> Generation:
         """`segment things` on `image`: the Generation, with `.segments` (masks in pixels of the
         original image, `.segments.invalid` the malformed objects) and `.detections` (objects the
-        model gave a box without mask codes). Other keyword arguments go to `generate`."""
-        from .prompts import task_prompt
+        model gave a box without mask codes). Settings as for `generate`; with constrain=True every
+        object has its box, sixteen codes and a label."""
         from .segmentation import parse_segments
 
         vae = self.mask_decoder()  # before generating: a missing decoder should not cost a generation
-        out = self.generate(image, task_prompt("segment", things), **kwargs)
+        out = self.generate(image, task_prompt("segment", things), params, **settings)
         out.segments = parse_segments(out.text, out.image_size, vae)
         out.detections = out.segments.detections
         return out

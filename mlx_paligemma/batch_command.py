@@ -31,6 +31,8 @@ def run_command(args, settings, load_model) -> int:
     """`paligemma batch`: the CLI's parsed args and checked settings; `load_model()` loads once."""
     from .shell import DEMO_NOTE
 
+    if args.ray and settings.backend == "mlx":
+        raise SettingError("--ray runs the torch backend in its actors; use --backend torch (or auto) with --ray")
     if not isinstance(args.batch_size, int) or args.batch_size < 1:
         raise SettingError(f"--batch-size must be a whole number >= 1, got {args.batch_size!r}")
     items = collect_items(args.input, args.task, args.prompt, settings.lang)

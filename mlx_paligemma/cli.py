@@ -57,7 +57,7 @@ def _shared(p: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--lang", default=d("en"), help="language code of describe, caption and answer (default en)")
     t = p.add_argument_group("detect and segment")
     t.add_argument("--vae", default=d(None), metavar="PATH", help="big_vision's mask decoder for segment (vae-oid.npz or its .safetensors copy; default $PALIGEMMA_VAE, else the one `paligemma download-vae` stored)")
-    t.add_argument("--no-constrain", dest="constrain", action="store_false", default=d(True), help="let detect/segment answers run free instead of following the objects' grammar")
+    t.add_argument("--no-constrain", dest="constrain", action="store_false", default=d(True), help="let detect/segment answers run free (default: held to the objects' grammar: boxes, codes, labels)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", default=d(False), help="print one JSON object with the answer, boxes and stats")
     o.add_argument("--quiet", "-q", action="store_true", default=d(False), help="print only the answer text")
@@ -177,12 +177,12 @@ def _settings(args, image: str | None) -> Settings:
         raise SettingError(f"--lang must be a language code like en or fr, got {args.lang!r}")
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=max_tokens,
-        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
+        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()), constrain=args.constrain,
     )
     return Settings(
         model=args.model, backend=args.backend, dtype=args.dtype, adapter=args.adapter, image=image, lang=lang,
         sampling=sampling,
-        vae=args.vae, constrain=args.constrain,
+        vae=args.vae,
     ).validate()
 
 

@@ -4,7 +4,8 @@ Grammar of an answer (what the parsers read back, as big_vision writes its train
 
     answer  := eos | object (" ; " object)* eos
     object  := <loc>{4} <seg>{16} label     (segment; detect has no <seg> tokens)
-               with the box's y_max > y_min and x_max > x_min (big_vision's valid box)
+               with the box's y_max > y_min and x_max > x_min (big_vision's valid box; for
+               segment also in whole pixels of the image, where the mask is cut)
     label   := text pieces with at least one visible character, no ";", "<", ">" or line breaks
 
 With it even a random or heavily quantized model yields objects the parsers accept: four
@@ -108,14 +109,24 @@ class ObjectGrammar:
             return ("after_semicolon" if not label else "loc"), []
         return ("label" if label.strip() else "label_start"), locs
 
-    def allowed(self, ids, remaining: int | None = None) -> np.ndarray:
-        """Bool mask (vocab,) of the tokens that may come next; `remaining`: tokens left after this one."""
+    def allowed(self, ids, remaining: int | None = None, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Bool mask (vocab,) of the tokens that may come next; `remaining`: tokens left after this
+        one; `image_size` (width, height): segment boxes must also be non-empty in whole pixels."""
         state, locs = self._walk(ids)
         if state == "first" and remaining is not None and remaining + 1 < self.object_len:
             return self._eos  # no room for a whole object: the empty answer
         if state == "loc" and len(locs) >= 2 and len(locs) < LOCS:
             # y_max > y_min, x_max > x_min: the third and fourth tokens exceed the first and second
-            return self.loc_value > locs[len(locs) - 2]
+            low = locs[len(locs) - 2]
+            allowed = self.loc_value > low
+            if self.segment and image_size is not None:
+                # the mask's box is cut at whole pixels: a thin box would be empty there, and the
+                # object invalid (y_max = 1023 always passes, since y_min < 1023)
+                from .segmentation import pixel_edge
+
+                size = image_size[1] if len(locs) == 2 else image_size[0]
+                allowed &= pixel_edge(self.loc_value, size) > pixel_edge(low, size)
+            return allowed
         if state == "label" and (remaining is None or remaining >= self.object_len + 1):
             # a separator only when a whole object can still follow it (" ;" then at least 4 + codes + 1)
             state = "label_or_separator"
@@ -126,10 +137,12 @@ class GrammarProcessor:
     """A logits processor (see sampling): each row with a grammar gets -inf on every token its
     grammar does not allow next; rows without one (other prompts of a batch) are left alone."""
 
-    def __init__(self, grammars, max_tokens: int, eos_id: int):
+    def __init__(self, grammars, max_tokens: int, eos_id: int, image_sizes=None):
         self.grammars = list(grammars)
         self.max_tokens = max_tokens
         self.eos = eos_id
+        # (width, height) of each row's original image, where segment masks are cut in pixels
+        self.image_sizes = list(image_sizes) if image_sizes is not None else [None] * len(self.grammars)
 
     def __call__(self, generated: np.ndarray, logits: np.ndarray) -> np.ndarray:
         step = generated.shape[1]
@@ -137,7 +150,7 @@ class GrammarProcessor:
         for b, grammar in enumerate(self.grammars):
             if grammar is None or (generated[b] == self.eos).any():  # an ended row's ids are not used
                 continue
-            allowed = grammar.allowed(generated[b], remaining=self.max_tokens - step - 1)[:V]
+            allowed = grammar.allowed(generated[b], self.max_tokens - step - 1, self.image_sizes[b])[:V]
             row = np.where(allowed, logits[b], -np.inf)
             if not np.isfinite(row).any():
                 # every allowed token was already at -inf (eos banned by min_tokens): the grammar wins

@@ -40,6 +40,8 @@ class SamplingParams:
     min_tokens: int = 0  # eos is not allowed before this many tokens
     repetition_penalty: float = 1.0  # transformers' rule: 1 is none, > 1 penalises ids of the prompt and the answer
     stop: tuple[str, ...] = ()  # the answer ends with the first of these; the text stops before it
+    # detect/segment prompts: the answer follows the objects' grammar (grammar.py); other prompts untouched
+    constrain: bool = False
 
     def __post_init__(self):
         # one stop string may be given alone, and a list is taken as the tuple it stands for
@@ -86,6 +88,8 @@ class SamplingParams:
             raise SettingError(f"repetition_penalty must be a number > 0 (1 means none), got {r!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise SettingError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.constrain, (bool, np.bool_)):
+            raise SettingError(f"constrain must be true or false, got {self.constrain!r}")
         return self
 
 

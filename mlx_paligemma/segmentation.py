@@ -73,12 +73,17 @@ def _groups(text: str):
         yield tokens, clean_label(text[end:stop])
 
 
+def pixel_edge(bins, size: int) -> np.ndarray:
+    """Location bins -> the pixel edges big_vision cuts a mask's box at: int(bin / 1023 * size)."""
+    return (np.asarray(bins, dtype=np.float64) / LOC_MAX * size).astype(np.int64)  # truncation, as int()
+
+
 def mask_box(bins, image_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """Four location bins (y1, x1, y2, x2) -> the pixel box (x1, y1, x2, y2) big_vision pastes the
     mask into, or None when it is empty (also after truncation to whole pixels: thin boxes)."""
     width, height = image_size
-    y1, x1, y2, x2 = (b / LOC_MAX for b in bins)  # back to [0, 1]
-    y1, x1, y2, x2 = int(y1 * height), int(x1 * width), int(y2 * height), int(x2 * width)
+    y1, y2 = (int(v) for v in pixel_edge([bins[0], bins[2]], height))
+    x1, x2 = (int(v) for v in pixel_edge([bins[1], bins[3]], width))
     if x2 <= x1 or y2 <= y1:
         return None
     return x1, y1, x2, y2

@@ -1,6 +1,6 @@
 """The interactive shell of `paligemma chat`: one model, one current image, many prompts.
 
-It is a thin loop over the public API (`Model.stream`, `parse_detections`, `draw_detections`):
+It is a thin loop over the public API (`Model.stream`, `parse_detections`, `parse_segments`, the drawing):
 it reads a line, changes a setting or runs a prompt about the current image, and prints the
 streamed answer and its stats line through `print_fn`, so a test can drive it with prompt_toolkit's
 pipe input and capture everything it says.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import PaliGemmaError, SettingError
-from .prompts import is_detection_prompt, task_prompt
+from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
 from .sampling import SamplingParams
 
 HISTORY_ENV = "MLX_PALIGEMMA_HISTORY"
@@ -33,8 +33,9 @@ COMMANDS = {
     "/seed": ("N", "random seed of the sampler, >= 0"),
     "/repetition_penalty": ("V", "> 1 makes ids already seen less likely (1 = none)"),
     "/stop": ("TEXT ...", "end answers at these texts (quotes for spaces, \\n for a newline; none: no stop)"),
+    "/constrain": ("on|off", "hold detect/segment answers to the objects' grammar (on by default)"),
     "/settings": ("", "show the current settings"),
-    "/save": ("PATH", "write the last detection picture (.jpg, .png or .webp)"),
+    "/save": ("PATH", "write the last boxes or masks drawn on their image (.jpg, .png or .webp)"),
     "/help": ("", "this list"),
     "/quit": ("", "leave (also `exit` or Ctrl-D)"),
 }
@@ -43,6 +44,7 @@ TASKS = {
     "caption": "a short caption",
     "ocr": "the text in the image",
     "detect THING ; THING": "boxes around things",
+    "segment THING ; THING": "masks of things",
 }
 EXIT_WORDS = ("exit", "quit", "/quit", "/exit")
 PATH_COMMANDS = ("/image", "/save")
@@ -58,9 +60,9 @@ class Settings:
     adapter: str | None = None  # a LoRA adapter folder
     image: str | None = None
     lang: str = "en"
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # constrain: detect/segment answers follow the objects' grammar, on in the shell unless turned off
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(constrain=True))
     vae: str | None = None  # mask decoder file for segment (None: found when first needed)
-    constrain: bool = True  # detect/segment answers follow the objects' grammar
 
     def validate(self) -> "Settings":
         """The checks the API makes, done before a model is loaded; raises SettingError."""
@@ -85,7 +87,7 @@ def _make_completer():
         """Command words at the start of a line, file paths after /image and /save."""
 
         def __init__(self):
-            words = list(COMMANDS) + ["describe", "caption", "ocr", "detect", "exit"]
+            words = list(COMMANDS) + ["describe", "caption", "ocr", "detect", "segment", "exit"]
             self.words = WordCompleter(words, sentence=True)
             self.paths = PathCompleter(expanduser=True)
 
@@ -111,7 +113,10 @@ class Shell:
         self._loader = model_loader
         self.model = None
         self.image = None  # the loaded RGB picture of settings.image
-        self.last_picture = None  # the last detect answer drawn on its image
+        # the objects of the last detect/segment answer and the image they are on, for /save
+        self.last_segments = None  # Segments (masks) of the last segment answer
+        self.last_detections: list = []  # boxes of the last answer (segment: those without masks)
+        self.last_image = None
 
     def load(self) -> None:
         """Load the model once and the start image; a failure here ends the session."""
@@ -146,6 +151,7 @@ class Shell:
         self.print(f"  seed         {p.seed}")
         self.print(f"  repetition_penalty {p.repetition_penalty:g}")
         self.print(f"  stop         {_shown(p.stop)}")
+        self.print(f"  constrain    {_shown(p.constrain)}")
 
     def prompt_text(self) -> str:
         name = Path(self.settings.image).name if self.settings.image else "no image"
@@ -165,8 +171,8 @@ class Shell:
                 self.command(word, arg)
             elif line in ("describe", "caption", "ocr"):
                 self.ask(task_prompt(line, lang=self.settings.lang))
-            elif word == "detect":
-                self.ask(task_prompt("detect", arg))
+            elif word in ("detect", "segment"):
+                self.ask(task_prompt(word, arg))
             else:
                 self.ask(line)
         except PaliGemmaError as e:
@@ -204,23 +210,27 @@ class Shell:
             self.print(f"error: {e}; {name} stays {_shown(old)}")
             return
         self.settings = replace(self.settings, sampling=candidate)
-        self.print(f"{name} = {_shown(candidate.stop) if name == 'stop' else value}")
+        self.print(f"{name} = {_shown(value)}")
 
     def save(self, arg: str) -> None:
         from .image import save_image_atomic
+        from .segmentation import draw_segments
 
         if not arg:
             raise SettingError("/save needs a path, like /save boxes.jpg")
-        if self.last_picture is None:
-            self.print("no detection picture yet: run `detect THING` first")
+        if self.last_image is None:
+            self.print("no boxes or masks yet: run `detect THING` or `segment THING` first")
             return
-        path = save_image_atomic(self.last_picture, os.path.expanduser(arg))
+        picture = draw_segments(self.last_image, self.last_segments or (), self.last_detections)
+        path = save_image_atomic(picture, os.path.expanduser(arg))  # a temporary file, then a rename
         self.print(f"saved {path}")
 
     def ask(self, prompt: str) -> None:
         if self.image is None:
             self.print("no image yet: choose one with /image PATH first")
             return
+        segmenting = is_segmentation_prompt(prompt)
+        vae = self.model.mask_decoder() if segmenting else None  # a missing decoder: an error before generating
         pieces = self.model.stream(self.image, prompt, params=self.settings.sampling)
         try:
             for piece in pieces:
@@ -231,20 +241,42 @@ class Shell:
             return
         result = self.model.last
         self.print()
-        if is_detection_prompt(prompt):
+        if segmenting:
+            self.show_segments(result, vae)
+        elif is_detection_prompt(prompt):
             self.show_boxes(result)
         self.print(result.stats.line())
 
     def show_boxes(self, result) -> None:
-        from .detection import draw_detections, format_detections, parse_detections
+        from .detection import format_detections, parse_detections
 
         detections = parse_detections(result.text, result.image_size)
         if not detections:
             self.print("(no boxes in the answer)")
             return
         self.print(format_detections(detections))
-        self.last_picture = draw_detections(self.image, detections)
+        self._keep(None, detections)
         self.print("(/save PATH writes the picture with these boxes)")
+
+    def show_segments(self, result, vae) -> None:
+        from .detection import format_detections
+        from .segmentation import format_segments, parse_segments
+
+        segments = parse_segments(result.text, result.image_size, vae)
+        if segments:
+            self.print(format_segments(segments))
+        if segments.detections:
+            self.print(format_detections(segments.detections))
+        if segments.invalid:
+            self.print(f"({segments.invalid} malformed object(s) in the answer skipped)")
+        if not segments and not segments.detections:
+            self.print("(no masks in the answer)")
+            return
+        self._keep(segments, list(segments.detections))
+        self.print("(/save PATH writes the picture with these masks)")
+
+    def _keep(self, segments, detections) -> None:
+        self.last_segments, self.last_detections, self.last_image = segments, detections, self.image
 
 
 def _number(arg: str) -> float:
@@ -264,6 +296,13 @@ def _whole(arg: str) -> int:
         raise SettingError(f"expected a whole number, got {arg!r}") from None
 
 
+def _on_off(arg: str) -> bool:
+    words = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
+    if arg.lower() not in words:
+        raise SettingError(f"expected on or off, got {arg!r}")
+    return words[arg.lower()]
+
+
 def _strings(arg: str) -> tuple[str, ...]:
     """Words or quoted texts; `\\n` and `\\t` stand for a newline and a tab (a prompt line cannot hold them)."""
     lexer = shlex.shlex(arg, posix=True)
@@ -279,6 +318,8 @@ def _shown(value) -> str:
     """A setting as /settings shows it: stop strings quoted (a newline as \\n), (none) when there are none."""
     if isinstance(value, tuple):
         return " ".join(repr(s) for s in value) or "(none)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return str(value)
 
 
@@ -290,6 +331,7 @@ SETTERS = {
     "/seed": _whole,
     "/repetition_penalty": _number,
     "/stop": _strings,
+    "/constrain": _on_off,
 }
 
 DEMO_NOTE = (

@@ -65,15 +65,16 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def assert_rows_match_generate(model, rows, files: dict[str, Path]):
-    """Every row has the ids `generate` gives on its image alone, or an error naming its file."""
+    """Every row has the ids `generate` gives on its image alone, or an error naming its file
+    (detect/segment held to their grammar, as batch does by default; other prompts are untouched)."""
     for row in rows:
         path = files[row["input"]]
         if row["error"]:
             with pytest.raises(pg.ImageError):
-                model.generate(path, row["prompt"], **SAMPLING)
+                model.generate(path, row["prompt"], **SAMPLING, constrain=True)
             assert str(path) in row["error"]
             continue
-        alone = model.generate(path, row["prompt"], **SAMPLING)
+        alone = model.generate(path, row["prompt"], **SAMPLING, constrain=True)
         assert row["token_ids"] == alone.token_ids, row["input"]
         assert row["text"] == alone.text
         with Image.open(path) as im:
@@ -290,6 +291,7 @@ def test_parquet_output_resumes_and_never_counts_a_row_twice(folder, tmp_path):
     (["--task", "caption", "-o", "{tmp}/r.jsonl", "--batch-size", "0"], "--batch-size must be"),
     (["--task", "caption", "-o", "{tmp}/r.jsonl", "--max-tokens", "0"], "max_tokens must be"),
     (["--task", "colour", "-o", "{tmp}/r.jsonl"], "invalid choice"),
+    (["--task", "caption", "-o", "{tmp}/r.jsonl", "--ray", "--backend", "mlx"], "--ray runs the torch backend"),
 ])
 def test_bad_settings_are_one_line_before_loading(folder, tmp_path, capsys, args, needle):
     assert run("batch", folder, *[a.format(tmp=tmp_path) for a in args], "--model", str(tmp_path / "no-model")) == 2
@@ -368,3 +370,31 @@ def test_segment_rows_hold_the_masks_as_coco_rle(folder, tmp_path):
             segments = parse_segments(r["text"], tuple(r["image_size"]), vae)
             assert len(r["segments"]) == len(segments) and r["invalid"] == segments.invalid
             assert len(r["detections"]) == len(segments.detections)
+
+
+def test_detect_and_segment_rows_follow_the_grammar_unless_told_not_to(folder, tmp_path):
+    """batch holds detect/segment rows to the objects' grammar by default (as the CLI does);
+    --no-constrain gives the free answers."""
+    model = pg.load("demo", backend="mlx", dtype="float32")
+    files = {str(folder / name): folder / name for name in ["b.png", "b_copy.png", "c.png"]}
+    pattern = str(folder / "*.png")
+    for task in ("segment", "detect"):
+        held, free = tmp_path / f"{task}.jsonl", tmp_path / f"{task}-free.jsonl"
+        args = [pattern, "--task", task, "--prompt", "cat", "--model", "demo", "--backend", "mlx", "--batch-size", 2,
+                *SAMPLING_ARGS, "--max-tokens", 30, "--quiet"]
+        assert run("batch", *args, "-o", held) == 0
+        assert run("batch", *args, "-o", free, "--no-constrain") == 0
+        kw = dict(SAMPLING, max_tokens=30)
+        loose_rows = {r["input"]: r for r in read_rows(free)}
+        rows = read_rows(held)
+        assert sorted(r["input"] for r in rows) == sorted(loose_rows) == sorted(files)
+        for row in rows:
+            path, loose = files[row["input"]], loose_rows[row["input"]]
+            assert row["token_ids"] == model.generate(path, f"{task} cat", constrain=True, **kw).token_ids
+            assert loose["token_ids"] == model.generate(path, f"{task} cat", **kw).token_ids != row["token_ids"]
+            objects = row["text"].count("<loc") // 4
+            assert objects >= 1 and row["text"].count("<loc") == 4 * objects
+            if task == "segment":
+                assert row["invalid"] == 0 and len(row["segments"]) == objects and row["detections"] == []
+            else:
+                assert len(row["detections"]) == objects

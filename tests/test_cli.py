@@ -59,9 +59,10 @@ def demo_model():
 
 @pytest.fixture(scope="module")
 def detecting_seed(demo_model, photo):
-    """A sampling seed for which the random demo model answers with at least one box."""
+    """A sampling seed for which the random demo model answers with at least one box (constrained,
+    as the CLI and the shell run detect by default)."""
     for seed in range(100):
-        g = demo_model.generate(photo, "detect cat ; dog", max_tokens=24, temperature=1.5, seed=seed)
+        g = demo_model.generate(photo, "detect cat ; dog", max_tokens=24, temperature=1.5, seed=seed, constrain=True)
         dets = pg.parse_detections(g.text, g.image_size)
         if dets:
             return seed, dets
@@ -305,7 +306,7 @@ def test_shell_stop_and_repetition_penalty(photo, history, demo_model, penalised
     assert f"repetition_penalty = {kw['repetition_penalty']}" in text and shown in text
     answer = demo_model.generate(photo, "caption en", **kw)
     assert answer.text + f"\n{len(answer.token_ids)} tokens in " in text
-    assert text.rstrip().endswith("stop         (none)")
+    assert text.rstrip().endswith("stop         (none)\n  constrain    off")
 
 
 def test_shell_detect_then_save(photo, history, detecting_seed, tmp_path):
@@ -314,7 +315,7 @@ def test_shell_detect_then_save(photo, history, detecting_seed, tmp_path):
     keys = f"/save {out}\n/temperature 1.5\n/seed {seed}\n/max_tokens 24\ndetect cat;dog\n/save {out}\n"
     code, text = drive(keys, Settings(model="demo", backend="mlx", image=str(photo)))
     assert code == 0
-    assert "no detection picture yet" in text
+    assert "no boxes or masks yet" in text
     assert format_detections(expected) in text
     assert f"saved {out}" in text
     with Image.open(out) as im:

@@ -22,11 +22,11 @@ def tokenizer():
     return Tokenizer(demo_checkpoint())
 
 
-def walk(grammar, rng, max_tokens, bias=None):
+def walk(grammar, rng, max_tokens, bias=None, image_size=None):
     """Sample uniformly (or with `bias` towards some ids) among the allowed tokens, as a random model would."""
     ids = []
     for step in range(max_tokens):
-        allowed = np.flatnonzero(grammar.allowed(ids, remaining=max_tokens - step - 1))
+        allowed = np.flatnonzero(grammar.allowed(ids, remaining=max_tokens - step - 1, image_size=image_size))
         assert len(allowed), f"no token allowed after {ids}"
         weights = np.ones(len(allowed)) if bias is None else np.where(np.isin(allowed, bias), 50.0, 1.0)
         t = int(rng.choice(allowed, p=weights / weights.sum()))
@@ -67,6 +67,27 @@ def test_every_walk_decodes_to_well_formed_objects(tokenizer, segment):
             pieces = text.split(" ;")
             assert all(p.lstrip().startswith("<loc") for p in pieces), text
     assert max(lengths) >= 2  # walks do produce several objects
+
+
+@pytest.mark.parametrize("size", [(7, 3), (1, 1), (64, 48)])
+def test_segment_boxes_stay_whole_pixels_on_small_images(tokenizer, size):
+    """Given the image size, a segment box is never empty once cut at whole pixels (big_vision's
+    arithmetic, where a thin box makes the object invalid); without it, small images get such boxes."""
+    grammar = ObjectGrammar(tokenizer, segment=True, vocab_size=tokenizer.vocab_size)
+    sep = [i for i, t in enumerate(grammar.texts) if t.strip() == ";"]
+    rng = np.random.default_rng(1)
+    objects, blind_invalid = 0, 0
+    for trial in range(20):
+        n = int(rng.integers(21, 70))
+        text = tokenizer.decode(walk(grammar, rng, n, bias=sep, image_size=size))
+        segs = parse_segments(text, size, FlatVae())
+        assert segs.invalid == 0 and len(segs) == text.count("<loc") // 4, text
+        objects += len(segs)
+        blind = parse_segments(tokenizer.decode(walk(grammar, rng, n, bias=sep)), size, FlatVae())
+        blind_invalid += blind.invalid
+    assert objects >= 20
+    if size != (64, 48):
+        assert blind_invalid > 0  # the pixel rule is what keeps these boxes whole
 
 
 def test_states_follow_the_answer(tokenizer):
