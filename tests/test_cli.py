@@ -371,6 +371,11 @@ def test_task_prompts_and_detail():
     assert cli._settings(parse(["describe", "x.jpg", "--detail"]), "x.jpg").sampling.max_tokens == cli.DETAIL_MAX_TOKENS
     assert cli._settings(parse(["describe", "x.jpg", "--detail", "--max-tokens", "9"]), "x.jpg").sampling.max_tokens == 9
     assert cli._settings(parse(["caption", "x.jpg"]), "x.jpg").sampling.max_tokens == pg.sampling.DEFAULT_MAX_TOKENS
+    # detect/segment held to their grammar unless --no-constrain, in one run and in the shell
+    assert cli._settings(parse(["detect", "x.jpg", "cat"]), "x.jpg").sampling.constrain is True
+    assert cli._settings(parse(["segment", "x.jpg", "cat", "--no-constrain"]), "x.jpg").sampling.constrain is False
+    assert cli._settings(parse(["--no-constrain", "chat"]), None).sampling.constrain is False
+    assert cli._settings(parse(["chat"]), None).sampling.constrain is True
     args = parse(["--lang", "de", "answer", "x.jpg", "wie", "viele?"])
     assert (args.model, args.backend) == ("google/paligemma2-3b-mix-224", "auto")
     assert " ".join(args.question) == "wie viele?" and args.lang == "de"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import numpy as np
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -27,5 +28,9 @@ def test_demo_notebook_runs_and_renders_its_images():
         # the photo, the detection and segmentation pictures (drawn on the astronaut, at its size), the batch's strip
         strip = (160 * len(list((EXAMPLES / "images").glob("*.jpg"))), 120)
         assert [p.size for p in pictures] == [chelsea.size, astronaut.size, astronaut.size, strip]
+        # constrained, the demo's detect and segment answers hold objects: both pictures have something drawn
+        photo = np.asarray(astronaut.convert("RGB"), np.float32)
+        for drawn in pictures[1:3]:
+            assert np.abs(np.asarray(drawn.convert("RGB"), np.float32) - photo).mean() > 1
     texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "demo-v" in texts and "tokens in" in texts  # the demo checkpoint, and a stats line
