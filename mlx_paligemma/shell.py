@@ -117,6 +117,7 @@ class Shell:
         self.last_segments = None  # Segments (masks) of the last segment answer
         self.last_detections: list = []  # boxes of the last answer (segment: those without masks)
         self.last_image = None
+        self._vae_noted = False  # the demo decoder's note is said once
 
     def load(self) -> None:
         """Load the model once and the start image; a failure here ends the session."""
@@ -231,6 +232,9 @@ class Shell:
             return
         segmenting = is_segmentation_prompt(prompt)
         vae = self.model.mask_decoder() if segmenting else None  # a missing decoder: an error before generating
+        if vae is not None and getattr(vae, "demo", False) and not getattr(self.model, "is_demo", False) and not self._vae_noted:
+            self._vae_noted = True
+            self.print(f"note: {vae.source} is the demo mask decoder (random weights): its masks mean nothing")
         pieces = self.model.stream(self.image, prompt, params=self.settings.sampling)
         try:
             for piece in pieces:
@@ -252,6 +256,7 @@ class Shell:
 
         detections = parse_detections(result.text, result.image_size)
         if not detections:
+            self._keep(None, [])  # /save never draws an earlier answer's objects
             self.print("(no boxes in the answer)")
             return
         self.print(format_detections(detections))
@@ -270,13 +275,17 @@ class Shell:
         if segments.invalid:
             self.print(f"({segments.invalid} malformed object(s) in the answer skipped)")
         if not segments and not segments.detections:
+            self._keep(None, [])
             self.print("(no masks in the answer)")
             return
         self._keep(segments, list(segments.detections))
         self.print("(/save PATH writes the picture with these masks)")
 
     def _keep(self, segments, detections) -> None:
-        self.last_segments, self.last_detections, self.last_image = segments, detections, self.image
+        """The objects /save draws: those of the last detect/segment answer (none: nothing to save)."""
+        found = bool(segments) or bool(detections)
+        self.last_segments, self.last_detections = segments, detections
+        self.last_image = self.image if found else None
 
 
 def _number(arg: str) -> float:

@@ -213,3 +213,17 @@ def test_readme_picture_is_what_its_command_draws(tmp_path, capsys):
     assert made.shape == shown.shape
     assert np.abs(made - shown).mean() < 1.0  # the same drawing, up to JPEG encoding
     assert np.abs(shown - original).mean() > 10  # and it does draw something
+
+
+def test_shell_save_after_an_answer_without_objects_saves_nothing(models, photo, tmp_path):
+    printed = Printed()
+    shell = Shell(lambda: models["mlx"], Settings(model="demo", image=str(photo)), printed)
+    shell.load()
+    shell.handle("/max_tokens 30")
+    shell.handle("detect cat")
+    assert "(/save PATH writes the picture with these boxes)" in printed.take()
+    shell.handle("/max_tokens 4")  # no room for one object: the grammar's answer is empty
+    shell.handle("segment cat")
+    assert "(no masks in the answer)" in printed.take()
+    shell.handle(f"/save {tmp_path / 'x.png'}")
+    assert "no boxes or masks yet" in printed.take() and not list(tmp_path.iterdir())
