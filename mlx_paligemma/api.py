@@ -14,9 +14,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .backend import BACKENDS, Backend, pick_backend
+# BACKENDS and DTYPES: the choices of `load` the surfaces offer, from the backend interface
+from .backend import BACKENDS, DTYPES, Backend, pick_backend
 from .checkpoint import open_checkpoint
-from .config import PaliGemmaConfig
+from .detection import parse_detections
 from .errors import PromptError, SettingError
 from .generate import Stats, generate_steps, left_pad
 from .processor import ImageSettings, pixel_values, read_image_settings
@@ -24,8 +25,6 @@ from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
 from .sampling import LogitsProcessor, SamplingParams, logits_processors
 from .tokenizer import StreamDecoder, Tokenizer
 
-# the choices of `load` the surfaces offer (BACKENDS comes from the backend interface)
-DTYPES = ("float32", "bfloat16", "float16")
 FEATURE_CACHE_SIZE = 8
 
 
@@ -36,6 +35,8 @@ class Generation:
     stats: Stats
     image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
     finished_by: str = "max_tokens"  # "eos", "stop" (a stop string), "max_tokens" or "context"
+    # the boxes of a `detect` answer (Detections, pixels of the original image); Model.segment puts
+    # there the objects given a box without mask codes
     detections: list = field(default_factory=list)
     segments: list = field(default_factory=list)  # filled by Model.segment: Segments (masks), with .invalid
 
@@ -57,44 +58,34 @@ def load(
     adapter: a LoRA adapter folder in PEFT's layout (ours from `paligemma finetune`, or PEFT's),
     applied on top of the (possibly quantized) weights.
     """
-    chosen = pick_backend(backend)
-    if dtype is not None and dtype not in DTYPES:
-        raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if quantize is not None and (isinstance(quantize, bool) or quantize not in (4, 8)):
-        raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
-    if chosen == "mlx" and device not in (None, "cpu", "gpu"):
-        raise SettingError(f"device for the mlx backend must be cpu or gpu, got {device!r}")
-    if chosen == "mlx" and quantize and (isinstance(group_size, bool) or group_size not in PaliGemmaConfig.MLX_GROUP_SIZES):
-        raise SettingError(f"group_size for the mlx backend must be one of 32, 64, 128, got {group_size!r}")
+    engine_class = backend_class(pick_backend(backend))
+    engine_class.check_settings(dtype, device, quantize, group_size)  # before any file is read
     if str(path_or_repo) == "demo":
         from .demo import demo_checkpoint
 
         path_or_repo = demo_checkpoint()
     checkpoint = open_checkpoint(path_or_repo)
-    if chosen == "mlx" and quantize:
-        # a size that does not divide the widths makes mx.quantize fail
-        checkpoint.config.check_group_size(group_size)
     tokenizer = Tokenizer(checkpoint.folder)
     config = checkpoint.config
     images = read_image_settings(checkpoint.folder, config.image_size, config.num_image_tokens)
-    if chosen == "mlx":
-        from .mlx_backend.backend import MLXBackend
-
-        # MLX computes in the dtype the weights are stored in unless told otherwise (fp16 stored: bf16,
-        # since Gemma 2's activations overflow fp16)
-        stored = checkpoint.stored_dtype
-        default = "float32" if stored == "float32" else "bfloat16"
-        engine: Backend = MLXBackend(checkpoint, dtype=dtype or default, device=device, quantize=quantize, group_size=group_size)
-    else:
-        from .torch_backend.backend import TorchBackend
-
-        engine = TorchBackend(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+    engine = engine_class(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
     model = Model(engine, tokenizer, source=str(path_or_repo), images=images)
     if vae is not None:
         model.vae = model.load_vae(vae)
     if adapter is not None:
         model.load_adapter(adapter)
     return model
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class of the backend `name` ("mlx" or "torch"), its framework imported only now."""
+    if name == "mlx":
+        from .mlx_backend.backend import MLXBackend
+
+        return MLXBackend
+    from .torch_backend.backend import TorchBackend
+
+    return TorchBackend
 
 
 class Model:
@@ -246,7 +237,10 @@ class Model:
                 yield b, piece
             row_stats = Stats(**stats.to_dict())
             row_stats.prompt_tokens, row_stats.generated_tokens = len(rows[b]), len(out[b])
-            results.append(Generation(decoder.text, out[b], row_stats, sizes[b], ended[b]))
+            result = Generation(decoder.text, out[b], row_stats, sizes[b], ended[b])
+            if is_detection_prompt(prompts[b]) and not is_segmentation_prompt(prompts[b]):
+                result.detections = parse_detections(result.text, result.image_size)
+            results.append(result)
         return results
 
     def generate(
@@ -310,8 +304,7 @@ class Model:
         """Read a mask decoder file onto this model's backend (and device)."""
         from .vae import load_vae
 
-        device = self.backend.device if self.backend.name == "torch" else None
-        return load_vae(path, backend=self.backend.name, device=device)
+        return load_vae(path, backend=self.backend.name, device=self.backend.device)
 
     def mask_decoder(self):
         """The mask decoder `segment` uses: the one given to `load`, else $PALIGEMMA_VAE, else the
@@ -332,11 +325,7 @@ class Model:
     def detect(self, image, things: str, params: SamplingParams | None = None, **settings) -> Generation:
         """`detect things` on `image`: the Generation with `.detections` (boxes in pixels of the
         original image). Settings as for `generate`; constrain=True keeps the answer well formed."""
-        from .detection import parse_detections
-
-        out = self.generate(image, task_prompt("detect", things), params, **settings)
-        out.detections = parse_detections(out.text, out.image_size)
-        return out
+        return self.generate(image, task_prompt("detect", things), params, **settings)
 
     def segment(self, image, things: str, params: SamplingParams | None = None, **settings) -> Generation:
         """`segment things` on `image`: the Generation, with `.segments` (masks in pixels of the

@@ -20,6 +20,7 @@ from .config import PaliGemmaConfig
 from .errors import SettingError
 
 BACKENDS = ("auto", "mlx", "torch")
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes; each backend picks its default (pick_dtype)
 
 
 @dataclass
@@ -38,6 +39,19 @@ class Backend(ABC):
     dtype: str  # "float32", "bfloat16", "float16"
     config: PaliGemmaConfig
     quantize: int | None = None
+
+    @classmethod
+    def check_settings(cls, dtype: str | None = None, device: str | None = None, quantize: int | None = None,
+                       group_size: int = 64) -> None:
+        """Raise the SettingError of a setting this backend cannot take, before any file is read.
+
+        Each backend adds its own rules (devices, group sizes) to these shared ones; None means the
+        backend's default (its pick_device and pick_dtype).
+        """
+        if dtype is not None and dtype not in DTYPES:
+            raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if quantize is not None and (isinstance(quantize, bool) or quantize not in (4, 8)):
+            raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
 
     @abstractmethod
     def image_features(self, pixel_values: np.ndarray) -> Any:

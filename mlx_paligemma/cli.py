@@ -242,7 +242,7 @@ def _check_output(path: str) -> Path:
 
 
 def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
-    from .detection import draw_detections, format_detections, parse_detections
+    from .detection import draw_detections, format_detections
     from .image import load_image, save_image_atomic
     from .segmentation import draw_segments, format_segments, parse_segments, segments_json
 
@@ -269,10 +269,7 @@ def run_once(args, settings: Settings, prompt: str, save: str | None) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
     segments = parse_segments(result.text, result.image_size, vae) if segmenting else None
-    if segments is not None:
-        detections = segments.detections
-    else:
-        detections = parse_detections(result.text, result.image_size) if is_detection_prompt(prompt) else []
+    detections = segments.detections if segmenting else result.detections
     saved = None
     if out_path is not None:
         drawn = draw_segments(picture, segments, detections) if segmenting else draw_detections(picture, detections)

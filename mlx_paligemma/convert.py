@@ -102,8 +102,8 @@ def convert(
             "convert from the unquantized checkpoint"
         )
     if quantize and not stored_q:
-        checkpoint.config.check_group_size(group_size)
-    dtype = dtype or checkpoint.stored_dtype
+        checkpoint.config.check_group_size(group_size)  # as the backend will, but before the log says "loading"
+    dtype = dtype or checkpoint.stored_dtype  # the files keep the source's dtype unless told
 
     start = time.perf_counter()
     how = f"{quantize}-bit, group size {group_size}" if quantize else dtype

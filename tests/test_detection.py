@@ -145,3 +145,31 @@ def test_non_latin_label_with_the_bitmap_font(monkeypatch):
     monkeypatch.setattr(ImageFont, "load_default", lambda size=None: ImageFont.load_default_imagefont())
     out = draw_detections(Image.new("RGB", (100, 100), WHITE), [Detection("猫 cat", (10.0, 30.0, 90.0, 90.0))])
     assert out.getpixel((10, 60)) != WHITE
+
+
+def test_generate_fills_detections_of_detect_prompts_only():
+    """Generation.detections holds the boxes of a `detect` answer in pixels of the original image;
+    other prompts (and `segment`, whose objects Model.segment reads) leave it empty."""
+    import numpy as np
+
+    import mlx_paligemma as pg
+
+    model = pg.load("demo", backend="torch", dtype="float32")
+    answer = model.tokenizer.encode("<loc0100><loc0200><loc0600><loc0900> red car ; <loc0000><loc0000><loc0512><loc1023> dog")
+    forced = answer + [model.config.eos_token_ids[0]]
+
+    def force(generated, logits):
+        out = np.full_like(logits, -np.inf)
+        out[:, forced[min(generated.shape[1], len(forced) - 1)]] = 0.0
+        return out
+
+    image = np.zeros((100, 200, 3), np.uint8)  # width 200, height 100
+    # by hand: x = bin / 1024 * 200, y = bin / 1024 * 100
+    want = [Detection("red car", (39.0625, 9.765625, 175.78125, 58.59375)), Detection("dog", (0.0, 0.0, 199.8046875, 50.0))]
+    prompts = ["detect red car ; dog", "caption en", "segment red car ; dog"]
+    outs = model.generate_batch([image] * 3, prompts, max_tokens=len(forced) + 2, logits_processors=[force])
+    assert [o.token_ids for o in outs] == [answer] * 3 and [o.finished_by for o in outs] == ["eos"] * 3
+    assert [o.detections for o in outs] == [want, [], []]
+    assert model.generate(image, prompts[0], max_tokens=40, logits_processors=[force]).detections == want
+    list(model.stream(image, prompts[0], max_tokens=40, logits_processors=[force]))
+    assert model.last.detections == want

@@ -196,6 +196,19 @@ def test_bf16_stored_checkpoint_loads_in_float32(tmp_path, oracles):
     for backend in BACKENDS:
         model = pg.load(fixture.folder, backend=backend, dtype="float32")
         assert rel_diff(model.logits(image, "ocr"), oracle.logits(image, "ocr")) <= 1e-4
+    assert pg.load(fixture.folder, backend="mlx").backend.dtype == "bfloat16"  # MLX's default: the stored dtype
+
+
+def test_mlx_dtype_and_device_rules():
+    from mlx_paligemma.mlx_backend import backend as mb
+
+    # the stored dtype, but bfloat16 for float16 weights (Gemma 2's activations overflow float16)
+    assert [mb.pick_dtype(None, s) for s in ("float32", "bfloat16", "float16")] == ["float32", "bfloat16", "bfloat16"]
+    assert mb.pick_dtype("float16", "float32") == "float16"
+    with pytest.raises(pg.SettingError, match="device for the mlx backend must be cpu or gpu, got 'cuda'"):
+        mb.pick_device("cuda")
+    with pytest.raises(pg.SettingError, match="group_size for the mlx backend"):
+        mb.MLXBackend.check_settings(quantize=4, group_size=48)
 
 
 @pytest.mark.parametrize("name", ["pg2_window", "pg1"])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..backend import Backend, State, attention_masks
 from ..checkpoint import Checkpoint, TensorInfo
+from ..config import PaliGemmaConfig
 from ..errors import CheckpointError, SettingError
 from . import lora
 from .cache import KVCache, make_cache
@@ -16,6 +16,25 @@ from .gemma import Embedding, Linear
 from .paligemma import PaliGemma
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def pick_device(device: str | None) -> mx.Device:
+    """None: MLX's default device (the GPU where there is one); cpu or gpu as asked."""
+    if device not in (None, "cpu", "gpu"):
+        raise SettingError(f"device for the mlx backend must be cpu or gpu, got {device!r}")
+    if device is None:
+        return mx.default_device()
+    return mx.gpu if device == "gpu" else mx.cpu
+
+
+def pick_dtype(dtype: str | None, stored: str) -> str:
+    """None: the dtype the weights are stored in (`stored`), but bfloat16 for float16 weights, since
+    Gemma 2's activations overflow float16."""
+    if dtype is None:
+        return "float32" if stored == "float32" else "bfloat16"
+    if dtype not in DTYPES:
+        raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
 
 
 def sanitize(name: str, w: mx.array, dtype) -> mx.array:
@@ -62,19 +81,30 @@ class MLXBackend(Backend):
     name = "mlx"
     pipelined = True  # lazy graphs: the next step is queued before the host reads an id
 
-    def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str | None = None,
+    @classmethod
+    def check_settings(cls, dtype: str | None = None, device: str | None = None, quantize: int | None = None,
+                       group_size: int = 64) -> None:
+        super().check_settings(dtype, device, quantize, group_size)
+        pick_device(device)
+        if quantize and (isinstance(group_size, bool) or group_size not in PaliGemmaConfig.MLX_GROUP_SIZES):
+            raise SettingError(f"group_size for the mlx backend must be one of 32, 64, 128, got {group_size!r}")
+
+    def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, device: str | None = None,
                  quantize: int | None = None, group_size: int = 64, cpu_layout: bool | None = None):
-        """cpu_layout: store the text weights transposed (see gemma.Linear); None: when running on the CPU."""
-        if dtype not in DTYPES:
-            raise SettingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if device is not None:
-            mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        """dtype None: pick_dtype's choice for the stored weights; device None: MLX's default.
+        cpu_layout: store the text weights transposed (see gemma.Linear); None: when running on the CPU."""
+        self.check_settings(dtype, device, quantize, group_size)
         self.config = checkpoint.config
-        self.dtype = dtype
-        self._dtype = DTYPES[dtype]
+        stored_q = self.config.quantization
+        if quantize and not stored_q:
+            # a size that does not divide the widths makes mx.quantize fail
+            self.config.check_group_size(group_size)
+        if device is not None:
+            mx.set_default_device(pick_device(device))
+        self.dtype = pick_dtype(dtype, checkpoint.stored_dtype)
+        self._dtype = DTYPES[self.dtype]
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
         self.model = PaliGemma(self.config)
-        stored_q = self.config.quantization
         # quantized weights keep their layout
         cpu_layout = self.device == "cpu" if cpu_layout is None else cpu_layout
         self._transposed = self._cpu_layout() if cpu_layout and not (stored_q or quantize) else set()

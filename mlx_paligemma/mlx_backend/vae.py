@@ -63,9 +63,11 @@ def sanitize(name: str, w: np.ndarray) -> mx.array:
 
 
 def load_decoder(weights: dict[str, np.ndarray], device: str | None = None) -> MaskDecoder:
-    """A MaskDecoder holding the canonical `weights`, in float32 (on MLX's default device)."""
+    """A MaskDecoder holding the canonical `weights`, in float32 (on `device`, None: MLX's default)."""
+    from .backend import pick_device
+
     if device is not None:
-        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        mx.set_default_device(pick_device(device))
     num_codes, dim = weights["embedding"].shape
     decoder = MaskDecoder(num_codes, dim)
     decoder.load_weights([(k, sanitize(k, w)) for k, w in weights.items()], strict=True)

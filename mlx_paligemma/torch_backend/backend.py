@@ -136,10 +136,16 @@ class Greedy:
 class TorchBackend(Backend):
     name = "torch"
 
+    @classmethod
+    def check_settings(cls, dtype: str | None = None, device: str | None = None, quantize: int | None = None,
+                       group_size: int = 64) -> None:
+        super().check_settings(dtype, device, quantize, group_size)
+        pick_device(device)
+
     def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, device: str | None = None,
                  quantize: int | None = None, group_size: int = 64):
-        if quantize not in (None, 4, 8):
-            raise SettingError(f"quantize must be 4 or 8 (bits), got {quantize!r}")
+        """dtype None: pick_dtype's choice for the device; device None: pick_device's."""
+        self.check_settings(dtype, device, quantize, group_size)
         self._device = pick_device(device)
         self.device = str(self._device)
         self.pipelined = self._device.type == "cuda"  # kernels run ahead of the host only on CUDA
