@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import COPIED_FILES, canonical_name, expected_shapes, open_checkpoint, read_header
+from .checkpoint import (
+    COPIED_FILES, bf16_bytes, bf16_values, canonical_name, expected_shapes, open_checkpoint, read_header, write_header,
+)
 from .errors import CheckpointError, OutputError, SettingError
 from .files import atomic_folder
 
@@ -211,7 +213,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _decode(raw: bytes, dtype: str, shape: tuple, what: str) -> np.ndarray:
     if dtype == "BF16":
-        return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return bf16_values(raw).reshape(shape)
     if dtype in ("F32", "F16"):
         return np.frombuffer(raw, np.float32 if dtype == "F32" else np.float16).reshape(shape)
     raise CheckpointError(f"{what} is {dtype}; adapters hold float weights")
@@ -219,8 +221,7 @@ def _decode(raw: bytes, dtype: str, shape: tuple, what: str) -> np.ndarray:
 
 def _encode(w: np.ndarray, dtype: str) -> bytes:
     if dtype == "BF16":
-        u = np.ascontiguousarray(w, np.float32).view(np.uint32)
-        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()  # round to nearest even
+        return bf16_bytes(w)
     return np.ascontiguousarray(w, np.float32 if dtype == "F32" else np.float16).tobytes()
 
 
@@ -254,10 +255,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
                 size = info["data_offsets"][1] - info["data_offsets"][0]
                 header[k] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
                 offset += size
-            blob = json.dumps(header, separators=(",", ":")).encode()
-            blob += b" " * (-len(blob) % 8)
             with open(file, "rb") as src, open(tmp / file.name, "wb") as dst:
-                dst.write(struct.pack("<Q", len(blob)) + blob)
+                write_header(dst, header)
                 (n,) = struct.unpack("<Q", src.read(8))
                 for t in infos:
                     src.seek(t.offset)

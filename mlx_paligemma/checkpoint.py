@@ -3,7 +3,8 @@
 This module knows file names and tensor names, never tensor values: each backend reads the
 tensors itself (memory-mapped, straight into its dtype). What it guarantees to a backend:
 the list of safetensors files, every tensor's canonical name, dtype and shape, checked against
-the config before a byte of weights is read.
+the config before a byte of weights is read. The folders we write ourselves (merge, full-size
+random checkpoints) share its safetensors header writer and bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .config import PaliGemmaConfig
 from .errors import CheckpointError
@@ -126,6 +129,25 @@ def safetensors_files(folder: Path) -> list[Path]:
             )
         raise CheckpointError(f"{folder}: no *.safetensors weight files")
     return files
+
+
+def write_header(f, header: dict) -> None:
+    """A safetensors header at f's position: its length (8 bytes, little-endian), then the JSON
+    padded with spaces to a multiple of 8 bytes (so that the tensors after it stay aligned)."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)) + blob)
+
+
+def bf16_bytes(x: np.ndarray) -> bytes:
+    """float32 values -> their bfloat16 bytes, rounded to nearest even (as torch casts)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+
+
+def bf16_values(raw: bytes) -> np.ndarray:
+    """bfloat16 bytes -> float32 values (exact), flat."""
+    return (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def read_header(path: Path) -> dict:

@@ -145,7 +145,6 @@ class PaliGemmaConfig:
     pad_token_id: int = 0
     # every id that ends generation, as transformers' generate takes them (see eos_ids)
     eos_token_ids: tuple[int, ...] = (1,)
-    bos_token_id: int = 2
     quantization: dict | None = None
     demo: bool = False  # the built-in random-weight checkpoint (mlx_paligemma.demo)
 
@@ -213,7 +212,6 @@ class PaliGemmaConfig:
             projection_dim=int(top["projection_dim"]),
             pad_token_id=int(td["pad_token_id"] if td.get("pad_token_id") is not None else d.get("pad_token_id") or 0),
             eos_token_ids=eos_ids(d, generation),
-            bos_token_id=int(_first(td["bos_token_id"] if td.get("bos_token_id") is not None else d.get("bos_token_id", 2))),
             quantization=d.get("quantization"),
             demo=bool(d.get("demo", False)),
         )
@@ -265,9 +263,3 @@ def eos_ids(config: dict, generation: dict | None) -> tuple[int, ...]:
     if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
         raise CheckpointError(f"eos_token_id must be an id or a list of ids, got {value!r}")
     return tuple(dict.fromkeys(values))
-
-
-def _first(v) -> int:
-    if isinstance(v, list):
-        v = v[0]
-    return int(v)

@@ -11,9 +11,6 @@ from pathlib import Path
 
 from .errors import CheckpointError, PromptError
 
-LOC_COUNT = 1024
-SEG_COUNT = 128
-
 
 class Tokenizer:
     def __init__(self, folder: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import mlx_paligemma
@@ -90,3 +91,32 @@ def test_the_library_never_imports_the_developer_tools():
     users = {m for m, targets in graph.items() if any(t.startswith(f"{PACKAGE}.dev") for t in targets)}
     # `paligemma bench` is dispatched by the command line
     assert {u for u in users if not u.startswith(f"{PACKAGE}.dev")} == {f"{PACKAGE}.cli"}
+
+
+def readme_layout() -> dict[str, str]:
+    """The README's layout block: each entry's name (`cli.py`, `  api.py`, `  mlx_backend/`) -> its role."""
+    block = (ROOT.parent / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    entries: dict[str, str] = {}
+    name = None
+    for line in block.strip("\n").splitlines():
+        if line.startswith(" " * 8):  # the role goes on
+            entries[name] += " " + line.strip()
+        else:
+            indent, name, role = re.match(r"( *)(\S+)\s*(.*)", line).groups()
+            name = indent + name
+            entries[name] = role.strip()
+    return entries
+
+
+def test_the_readme_layout_lists_every_module():
+    entries = readme_layout()
+    assert {n for n in entries if n.endswith(".py") and n[0] != " "} == {p.name for p in ROOT.parent.glob("*.py")}  # a clone's
+    package = {n.strip() for n in entries if n.startswith("  ")}
+    assert package == {p.name for p in ROOT.glob("*.py")} | {f"{p.parent.name}/" for p in ROOT.glob("*/__init__.py")}
+    for folder in (p.parent for p in ROOT.glob("*/__init__.py")):
+        role = entries[f"  {folder.name}/"]
+        if folder.name == "torch_backend":  # "the same files in PyTorch, + ..."
+            role += " " + entries["  mlx_backend/"]
+        words = set(re.findall(r"\w+", role))
+        assert {p.stem for p in folder.glob("*.py")} - {"__init__"} <= words, folder.name
+    assert all(entries.values()), [n for n, role in entries.items() if not role]

@@ -55,16 +55,9 @@ def full_config(name: str = "3b-224", layers: int | None = None) -> dict:
             "vocab_size": 257216, "text_config": text, "vision_config": vision, "torch_dtype": "bfloat16"}
 
 
-def _bf16_bytes(x: np.ndarray) -> bytes:
-    """float32 -> bfloat16 bytes, rounding to nearest even."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16).tobytes()
-
-
 def write_random_checkpoint(folder: Path, config: dict, seed: int = 0, progress=None) -> Path:
     """Tokenizer, config and bf16 safetensors shards (hub layout, with an index) in `folder`."""
-    from ..checkpoint import expected_shapes, plan_shards, shard_files
+    from ..checkpoint import bf16_bytes, expected_shapes, plan_shards, shard_files, write_header
     from ..config import PaliGemmaConfig
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,13 +74,10 @@ def write_random_checkpoint(folder: Path, config: dict, seed: int = 0, progress=
             header[hub_name(name)] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
             offset += n
             weight_map[hub_name(name)] = fname
-        blob = json.dumps(header).encode()
-        blob += b" " * (-len(blob) % 8)
         with open(folder / fname, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
+            write_header(f, header)
             for name in names:
-                f.write(_bf16_bytes(rng.normal(*init_rule(name, shapes[name], gain=1.0), shapes[name]).astype(np.float32)))
+                f.write(bf16_bytes(rng.normal(*init_rule(name, shapes[name], gain=1.0), shapes[name]).astype(np.float32)))
                 if progress:
                     progress(name)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
