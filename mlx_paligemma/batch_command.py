@@ -29,7 +29,7 @@ def tqdm_progress(total: int, done: int, quiet: bool):
 
 def run_command(args, settings, load_model) -> int:
     """`paligemma batch`: the CLI's parsed args and checked settings; `load_model()` loads once."""
-    from .shell import DEMO_NOTE
+    from .demo import DEMO_NOTE
 
     if args.ray and settings.backend == "mlx":
         raise SettingError("--ray runs the torch backend in its actors; use --backend torch (or auto) with --ray")

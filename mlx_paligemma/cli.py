@@ -23,10 +23,11 @@ from pathlib import Path
 from .api import BACKENDS, DTYPES, pick_backend
 from .batch import BATCH_TASKS, DEFAULT_BATCH_SIZE, need_pycocotools
 from .checkpoint import DEFAULT_MODEL
+from .demo import DEMO_NOTE
 from .errors import OutputError, PaliGemmaError, SettingError
 from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
 from .sampling import DEFAULT_MAX_TOKENS, SamplingParams
-from .shell import DEMO_NOTE, Settings, run_shell
+from .shell import Settings, run_shell
 from .usage import Parser, UsageError
 
 DETAIL_MAX_TOKENS = 512

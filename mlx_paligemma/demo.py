@@ -23,6 +23,8 @@ import numpy as np
 from .files import atomic_folder, cache_root
 
 DEMO_VERSION = 2
+# what every surface says before answering with the demo checkpoint
+DEMO_NOTE = "note: this is the demo checkpoint, a tiny model with random weights: its answers are random text"
 
 _CORPUS = """\
 a photo of a cat sitting on a mat in the sun

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from .demo import DEMO_NOTE
 from .errors import PaliGemmaError, SettingError
 from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
 from .sampling import SamplingParams
@@ -342,11 +343,6 @@ SETTERS = {
     "/stop": _strings,
     "/constrain": _on_off,
 }
-
-DEMO_NOTE = (
-    "note: this is the demo checkpoint, a tiny model with random weights: its answers are random text"
-)
-
 
 def _load_image(path: str):
     from .image import load_image

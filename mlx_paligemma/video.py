@@ -206,7 +206,7 @@ def run_command(args, settings, load_model) -> int:
     """`paligemma video`: parsed args and checked settings; `load_model()` loads once."""
     from .batch import make_prompt, need_pycocotools
     from .prompts import is_segmentation_prompt
-    from .shell import DEMO_NOTE
+    from .demo import DEMO_NOTE
 
     _av()
     prompt = make_prompt(args.task, args.prompt, settings.lang)
