@@ -22,7 +22,7 @@ from .errors import PromptError, SettingError
 from .generate import Stats, generate_steps, left_pad
 from .processor import ImageSettings, pixel_values, read_image_settings
 from .prompts import is_detection_prompt, is_segmentation_prompt, task_prompt
-from .sampling import LogitsProcessor, SamplingParams, logits_processors
+from .sampling import LogitsProcessor, SamplingParams, logits_processors, per_row
 from .tokenizer import StreamDecoder, Tokenizer
 
 FEATURE_CACHE_SIZE = 8
@@ -34,7 +34,7 @@ class Generation:
     token_ids: list[int]  # generated ids, eos excluded
     stats: Stats
     image_size: tuple[int, int] = (0, 0)  # (width, height) of the original image
-    finished_by: str = "max_tokens"  # "eos", "stop" (a stop string), "max_tokens" or "context"
+    finished_by: str = "max_tokens"  # "eos", "stop" (a stop string), "max_tokens", "context" or "cancelled"
     # the boxes of a `detect` answer (Detections, pixels of the original image); Model.segment puts
     # there the objects given a box without mask codes
     detections: list = field(default_factory=list)
@@ -180,17 +180,19 @@ class Model:
         """`params` (or the defaults) with keyword settings replacing its fields, checked for this model."""
         return SamplingParams.from_settings(params, **settings).validate(self.context_len)
 
-    def _grammar(self, prompts: Sequence[str], params: SamplingParams, steps: int, sizes) -> list[LogitsProcessor]:
-        """With params.constrain: a processor holding each detect/segment row to the objects' grammar
-        (`steps`: the most tokens a row may generate; `sizes`: each row's original image size, where
-        masks are cut); no processor when no row needs one."""
-        if not params.constrain or not any(is_detection_prompt(p) for p in prompts):
+    def _grammar(self, prompts: Sequence[str], params: Sequence[SamplingParams], prefix_len: int, sizes) -> list[LogitsProcessor]:
+        """A processor holding each detect/segment row whose settings say constrain to the objects'
+        grammar (`params`: each row's; `prefix_len`: the padded prompt length, so a row may generate
+        min(its max_tokens, context - prefix_len) tokens; `sizes`: each row's original image size,
+        where masks are cut); no processor when no row needs one."""
+        if not any(p.constrain and is_detection_prompt(q) for q, p in zip(prompts, params)):
             return []
         from .grammar import GrammarProcessor, ObjectGrammar
 
-        grammars = []
-        for prompt in prompts:
-            if not is_detection_prompt(prompt):
+        grammars, steps = [], []
+        for prompt, p in zip(prompts, params):
+            steps.append(min(p.max_tokens, self.context_len - prefix_len))
+            if not (p.constrain and is_detection_prompt(prompt)):
                 grammars.append(None)
                 continue
             segment = is_segmentation_prompt(prompt)
@@ -207,18 +209,22 @@ class Model:
             except StopIteration as stop:
                 return stop.value
 
-    def _iterate(self, images, prompts, params: SamplingParams, processors: Sequence[LogitsProcessor]):
-        """Yield (row, text piece) as tokens arrive; return the list of Generations."""
+    def _iterate(self, images, prompts, params: SamplingParams | Sequence[SamplingParams],
+                 processors: Sequence[LogitsProcessor], ended: list[str] | None = None):
+        """Yield (row, text piece) as tokens arrive; return the list of Generations.
+
+        params: one for every row, or one per row. ended: the loop's list of end reasons, given
+        when the caller ends rows itself between steps (BatchStream.cancel)."""
         rows = [self.prompt_ids(p) for p in prompts]
         pixels, sizes = pixel_values(images, self.images)
         ids, pad = left_pad(rows, self.config.pad_token_id)
         stats = Stats()
         out: list[list[int]] = [[] for _ in rows]
-        ended = [""] * len(rows)
-        decoders = [StreamDecoder(self.tokenizer, params.stop) for _ in rows]
+        ended = ended if ended is not None else [""] * len(rows)
+        each = per_row(params, len(rows))
+        decoders = [StreamDecoder(self.tokenizer, p.stop) for p in each]
         # the grammar comes last: whatever the other processors did, the answer stays well formed
-        steps = min(params.max_tokens, self.context_len - ids.shape[1])
-        processors = logits_processors(params, rows) + list(processors) + self._grammar(prompts, params, steps, sizes)
+        processors = logits_processors(params, rows) + list(processors) + self._grammar(prompts, each, ids.shape[1], sizes)
         for tokens, kept in generate_steps(
             self.backend, ids, pad, lambda: self._features_for(pixels), params, self.config.eos_token_ids,
             self.vocab_limit, self.context_len, stats, processors, ended,
@@ -300,6 +306,27 @@ class Model:
             return []
         return self._run(list(images), list(prompts), params, logits_processors)
 
+    def stream_batch(
+        self, images: Sequence, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+        logits_processors: Sequence[LogitsProcessor] = (), **settings,
+    ) -> "BatchStream":
+        """A batch whose text arrives as it is generated: iterate for (row, text piece).
+
+        params: one SamplingParams for every row, or a list with one per row (each row then gets
+        the ids `generate` gives with its own settings); keywords replace fields of each.
+        `cancel(row)` ends a row between two steps (finished_by "cancelled"); the batch stops
+        when every row has ended. `.results` holds the Generations once the iteration is over.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(images) != len(prompts):
+            raise SettingError(f"stream_batch needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+        if params is None or isinstance(params, SamplingParams):
+            rows = self.sampling(params, **settings)
+        else:
+            rows = [self.sampling(p, **settings) for p in per_row(params, len(images))]
+        return BatchStream(self, list(images), list(prompts), rows, logits_processors)
+
     def load_vae(self, path: str | os.PathLike):
         """Read a mask decoder file onto this model's backend (and device)."""
         from .vae import load_vae
@@ -339,3 +366,28 @@ class Model:
         out.segments = parse_segments(out.text, out.image_size, vae)
         out.detections = out.segments.detections
         return out
+
+
+class BatchStream:
+    """The iterator `Model.stream_batch` returns: (row, text piece) pairs from the one generation loop."""
+
+    def __init__(self, model: Model, images: list, prompts: list[str], params, processors: Sequence[LogitsProcessor]):
+        # the loop reads this list between steps: a row given a reason here is ended there
+        self.ended = [""] * len(images)
+        self.results: list[Generation] | None = None
+        self._steps = model._iterate(images, prompts, params, processors, self.ended) if images else iter(())
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        try:
+            return next(self._steps)
+        except StopIteration as stop:
+            self.results = stop.value or []
+            raise StopIteration from None
+
+    def cancel(self, row: int) -> None:
+        """End `row` before the next step (safe to call from another thread: one list item is set)."""
+        if not self.ended[row]:
+            self.ended[row] = "cancelled"

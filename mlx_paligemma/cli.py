@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("convert-vae", help="copy a mask decoder file to safetensors (see paligemma convert-vae --help)", add_help=False)
     sub.add_parser("finetune", help="train a LoRA adapter on a JSONL of examples (see paligemma finetune --help)", add_help=False)
     sub.add_parser("merge", help="merge a LoRA adapter into a plain checkpoint folder (see paligemma merge --help)", add_help=False)
+    sub.add_parser("serve", help="serve an OpenAI-compatible API and a web page (see paligemma serve --help)", add_help=False)
     return parser
 
 
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import finetune
 
             return (finetune.main if argv[0] == "finetune" else finetune.merge_main)(argv[1:])
+        if argv and argv[0] == "serve":
+            from .server.command import main as serve_main
+
+            return serve_main(argv[1:])
         return _run(build_parser().parse_args(argv))
     except UsageError as e:
         return _fail(f"{e} (see paligemma --help)")
@@ -189,7 +194,7 @@ def _settings(args, image: str | None) -> Settings:
 
 def _run(args) -> int:
     command = args.command
-    if command in ("convert", "bench", "download-vae", "convert-vae", "finetune", "merge"):  # only reached when options come before the name
+    if command in ("convert", "bench", "download-vae", "convert-vae", "finetune", "merge", "serve"):  # only reached when options come before the name
         raise UsageError(f"put `{command}` first: paligemma {command} ...")
     free = args.free_image is not None or args.free_prompt is not None
     if free and command not in (None, "chat"):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .backend import Backend
-from .sampling import LogitsProcessor, SamplingParams, sample
+from .sampling import LogitsProcessor, SamplingParams, per_row, sample_rows
 
 
 @dataclass
@@ -56,7 +56,7 @@ def generate_steps(
     input_ids: np.ndarray,
     pad: np.ndarray,
     features: Callable[[], Any],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     eos_ids: Sequence[int],
     vocab_limit: int,
     context_len: int,
@@ -66,9 +66,11 @@ def generate_steps(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens (B,), kept (B,) bool) per step; kept[b]: the id is part of row b's answer.
 
+    `params` is one SamplingParams for every row or one per row (a server batches requests with
+    different settings); a row's ids depend only on its own settings and seed.
     `features` is called once, inside the timing, to get the image features on the device.
     `ended[b]` says why row b ended, "" while it runs. The loop ends a row at any of the eos ids
-    (allowed after params.min_tokens; the eos id is not kept), after params.max_tokens ("max_tokens") or at the
+    (allowed after its min_tokens; the eos id is not kept), after its max_tokens ("max_tokens") or at the
     context limit ("context"). Between steps the caller may end a row with a reason of its own
     (a stop string, a client gone); generation stops when every row has ended.
     Logits processors (see sampling) run on the host before the choice of each id.
@@ -76,13 +78,17 @@ def generate_steps(
     stats = stats if stats is not None else Stats()
     ended = ended if ended is not None else [""] * input_ids.shape[0]
     B, T = input_ids.shape
+    rows = per_row(params, B)
     stats.prompt_tokens = int(T - pad.min())
     stats.backend, stats.device, stats.dtype = backend.name, backend.device, backend.dtype
-    max_tokens = min(params.max_tokens, context_len - T)
-    rngs = [np.random.default_rng(params.seed) for _ in range(B)]
+    limits = [min(p.max_tokens, context_len - T) for p in rows]
+    max_tokens = max(limits)
+    rngs = [np.random.default_rng(p.seed) for p in rows]
     generated = np.zeros((B, max_tokens), dtype=np.int64)
-    # greedy without processors chooses on the device: only the ids come to the host
-    on_host = params.temperature > 0 or bool(processors)
+    min_tokens = [p.min_tokens for p in rows]
+    # greedy without processors chooses on the device: only the ids come to the host (eos can be
+    # banned there for every row at once, not row by row)
+    on_host = any(p.temperature > 0 for p in rows) or bool(processors) or len(set(min_tokens)) > 1
     stops = set(int(i) for i in eos_ids)
     # an eos id past the vocabulary limit can never be drawn, so there is nothing to ban
     bannable = [i for i in stops if 0 <= i < vocab_limit]
@@ -93,17 +99,19 @@ def generate_steps(
     state, logits = backend.prefill(input_ids, feats, pad, prefix_len=T)
     first = None
     for step in range(max_tokens):
-        banned = bannable if step < params.min_tokens and bannable else None
         last = step + 1 == max_tokens
         following = None
         if on_host:
             host = backend.to_numpy(logits)[:, :vocab_limit]
-            if banned is not None:
-                host[:, banned] = -np.inf
+            if bannable:
+                for b in range(B):
+                    if step < min_tokens[b]:
+                        host[b, bannable] = -np.inf
             for process in processors:
                 host = process(generated[:, :step], host)
-            tokens = sample(host, params, rngs, vocab_limit)
+            tokens = sample_rows(host, rows, rngs, vocab_limit)
         else:
+            banned = bannable if step < min_tokens[0] and bannable else None
             handle = backend.greedy(logits, vocab_limit, banned)
             if backend.pipelined and step > 0 and not last:
                 # queued before the host waits for the ids (not on the first step, whose id is the
@@ -121,13 +129,13 @@ def generate_steps(
         if kept.any():
             stats.generated_tokens = step + 1
         yield tokens, kept
+        for b in range(B):
+            if not ended[b] and step + 1 >= limits[b]:
+                ended[b] = "context" if limits[b] < rows[b].max_tokens else "max_tokens"
         if all(ended) or last:
             break
         # ended rows keep decoding (their outputs are ignored): rows never interact
         logits = following if following is not None else backend.decode(state, tokens)
-    limit = "context" if max_tokens < params.max_tokens else "max_tokens"
-    for b in range(B):
-        ended[b] = ended[b] or limit
     end = time.perf_counter()
     stats.total_s = end - start
     decoded = max(stats.generated_tokens - 1, 0)

@@ -17,6 +17,7 @@ half an object (an answer with no room for one object is empty). The grammar kno
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import numpy as np
 
@@ -137,9 +138,10 @@ class GrammarProcessor:
     """A logits processor (see sampling): each row with a grammar gets -inf on every token its
     grammar does not allow next; rows without one (other prompts of a batch) are left alone."""
 
-    def __init__(self, grammars, max_tokens: int, eos_id: int, image_sizes=None):
+    def __init__(self, grammars, max_tokens: int | Sequence[int], eos_id: int, image_sizes=None):
         self.grammars = list(grammars)
-        self.max_tokens = max_tokens
+        # the most tokens each row may generate: one number for all, or one per row (a server's batch)
+        self.max_tokens = [max_tokens] * len(self.grammars) if isinstance(max_tokens, int) else list(max_tokens)
         self.eos = eos_id
         # (width, height) of each row's original image, where segment masks are cut in pixels
         self.image_sizes = list(image_sizes) if image_sizes is not None else [None] * len(self.grammars)
@@ -150,7 +152,7 @@ class GrammarProcessor:
         for b, grammar in enumerate(self.grammars):
             if grammar is None or (generated[b] == self.eos).any():  # an ended row's ids are not used
                 continue
-            allowed = grammar.allowed(generated[b], self.max_tokens - step - 1, self.image_sizes[b])[:V]
+            allowed = grammar.allowed(generated[b], self.max_tokens[b] - step - 1, self.image_sizes[b])[:V]
             row = np.where(allowed, logits[b], -np.inf)
             if not np.isfinite(row).any():
                 # every allowed token was already at -inf (eos banned by min_tokens): the grammar wins

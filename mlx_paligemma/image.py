@@ -11,6 +11,7 @@ import io
 import os
 import secrets
 import struct
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -50,8 +51,9 @@ READ_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "ICO"
 _SAVE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 
 
-def load_image(src, *, allow_urls: bool = False, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """A path, URL, PIL image or uint8 array -> a new, fully decoded RGB image.
+def load_image(src, *, allow_urls: bool = False, max_pixels: int = MAX_PIXELS,
+               url_timeout_s: float | None = None, max_url_bytes: int | None = None) -> Image.Image:
+    """A path, URL, PIL image, uint8 array or the bytes of an image file -> a new, fully decoded RGB image.
 
     - Transparency (alpha band, or palette/colour-key transparency) is composited on white, as
       transformers' `convert_to_rgb` does.
@@ -62,8 +64,14 @@ def load_image(src, *, allow_urls: bool = False, max_pixels: int = MAX_PIXELS) -
       `load_image` does. PIL images passed in are taken as given: no EXIF rotation, current frame.
     - Arrays may be HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA), dtype uint8.
     - Images over `max_pixels` are refused from the header, before any pixel is decoded.
-    - URLs (http/https) are fetched only when `allow_urls` is true.
+    - URLs (http/https) are fetched only when `allow_urls` is true, within `url_timeout_s`
+      (the whole download; default URL_TIMEOUT_S) and `max_url_bytes` (default MAX_URL_BYTES).
     """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        if not data:
+            raise ImageError("the image data is empty (0 bytes)")
+        return _open_bytes(data, "the image data", max_pixels)
     if isinstance(src, Image.Image):
         return _decode(src, "the given PIL image", max_pixels, upright=False)
     if isinstance(src, np.ndarray):
@@ -74,7 +82,7 @@ def load_image(src, *, allow_urls: bool = False, max_pixels: int = MAX_PIXELS) -
     if name.lower().startswith(("http://", "https://")):
         if not allow_urls:
             raise ImageError(f"{name}: URLs are not fetched unless allow_urls=True; download the image first")
-        return _open_bytes(_fetch(name), name, max_pixels)
+        return _open_bytes(_fetch(name, url_timeout_s, max_url_bytes), name, max_pixels)
     return _open_path(Path(name), max_pixels)
 
 
@@ -165,17 +173,31 @@ def _from_array(a: np.ndarray) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(a)))
 
 
-def _fetch(url: str) -> bytes:
+def _fetch(url: str, timeout_s: float | None = None, max_bytes: int | None = None) -> bytes:
+    timeout_s = URL_TIMEOUT_S if timeout_s is None else timeout_s
+    max_bytes = MAX_URL_BYTES if max_bytes is None else max_bytes
+    # the socket timeout bounds each read; the deadline bounds the whole download (a slow drip)
+    deadline = time.monotonic() + timeout_s
+    chunks, size = [], 0
     try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-            data = response.read(MAX_URL_BYTES + 1)
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise ImageError(f"{url}: the download took longer than {timeout_s:g} s")
+                chunk = response.read(min(65536, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except (urllib.error.URLError, OSError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"{url}: cannot fetch ({_reason(e)})") from e
-    if len(data) > MAX_URL_BYTES:
-        raise ImageError(f"{url}: larger than the {MAX_URL_BYTES} byte limit for downloads")
-    if not data:
+    if size > max_bytes:
+        raise ImageError(f"{url}: larger than the {max_bytes} byte limit for downloads")
+    if not size:
         raise ImageError(f"{url}: the download is empty (0 bytes)")
-    return data
+    return b"".join(chunks)
 
 
 def _reason(e: BaseException) -> str:

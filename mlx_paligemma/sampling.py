@@ -103,27 +103,43 @@ def _whole(v) -> bool:
 
 class RepetitionPenalty:
     """transformers' RepetitionPenaltyLogitsProcessor: each id already in the row (its prompt included)
-    has its logit divided by the penalty when positive, multiplied by it when negative."""
+    has its logit divided by the penalty when positive, multiplied by it when negative.
+    `penalty` is one number for every row, or one per row (1 leaves a row alone)."""
 
-    def __init__(self, penalty: float, prompts: Sequence[Sequence[int]]):
-        self.penalty = float(penalty)
+    def __init__(self, penalty: float | Sequence[float], prompts: Sequence[Sequence[int]]):
         self.prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
+        each = [penalty] * len(self.prompts) if isinstance(penalty, (int, float)) else list(penalty)
+        self.penalties = [float(v) for v in each]
 
     def __call__(self, generated: np.ndarray, logits: np.ndarray) -> np.ndarray:
         V = logits.shape[-1]
         for b, row in enumerate(logits):
+            penalty = self.penalties[b]
+            if penalty == 1.0:
+                continue
             seen = np.unique(np.concatenate([self.prompts[b], generated[b]]))
             seen = seen[seen < V]  # `<image>` and the padding rows are not in the host logits
             x = row[seen]
-            row[seen] = np.where(x < 0, x * self.penalty, x / self.penalty)
+            row[seen] = np.where(x < 0, x * penalty, x / penalty)
         return logits
 
 
-def logits_processors(params: SamplingParams, prompts: Sequence[Sequence[int]]) -> list[LogitsProcessor]:
-    """The processors the settings ask for, for rows with these prompt ids."""
+def per_row(params: "SamplingParams | Sequence[SamplingParams]", rows: int) -> list[SamplingParams]:
+    """One SamplingParams per row: the same object for every row, or the list given (checked for length)."""
+    if isinstance(params, SamplingParams):
+        return [params] * rows
+    params = list(params)
+    if len(params) != rows:
+        raise SettingError(f"one SamplingParams per row is needed, got {len(params)} for {rows} rows")
+    return params
+
+
+def logits_processors(params: "SamplingParams | Sequence[SamplingParams]", prompts: Sequence[Sequence[int]]) -> list[LogitsProcessor]:
+    """The processors the settings ask for, for rows with these prompt ids (one params, or one per row)."""
+    rows = per_row(params, len(prompts))
     out: list[LogitsProcessor] = []
-    if params.repetition_penalty != 1.0:
-        out.append(RepetitionPenalty(params.repetition_penalty, prompts))
+    if any(p.repetition_penalty != 1.0 for p in rows):
+        out.append(RepetitionPenalty([p.repetition_penalty for p in rows], prompts))
     return out
 
 
@@ -152,4 +168,16 @@ def sample(logits: np.ndarray, params: SamplingParams, rngs: list[np.random.Gene
         cdf = np.cumsum(sorted_p)
         u = rngs[b].random() * cdf[-1]
         out[b] = order[min(np.searchsorted(cdf, u, side="right"), len(order) - 1)]
+    return out
+
+
+def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], rngs: list[np.random.Generator], vocab_limit: int) -> np.ndarray:
+    """`sample` where each row has its own settings: rows that share temperature, top_p and top_k are
+    sampled together, each from its own generator, so a row's ids do not depend on its neighbours."""
+    out = np.empty(logits.shape[0], dtype=np.int64)
+    groups: dict[tuple, list[int]] = {}
+    for b, p in enumerate(params):
+        groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(b)
+    for rows in groups.values():
+        out[rows] = sample(logits[rows], params[rows[0]], [rngs[b] for b in rows], vocab_limit)
     return out

@@ -17,7 +17,7 @@ pip() {
 }
 echo "setting up .venv (log: $log) ..." >&2
 pip install --upgrade pip
-extras="test,torch,segment,finetune,parquet,ray,video"
+extras="test,test-serve,serve,torch,segment,finetune,parquet,ray,video"
 case "$(uname -s)-$(uname -m)" in
   Darwin-arm64) ;;                    # plain mlx comes with the package on Apple silicon
   Linux-*) extras="$extras,mlx-cpu"   # mlx's CPU build for Linux

@@ -3,6 +3,7 @@ import io
 import os
 import re
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -335,7 +336,9 @@ class _FakeResponse:
         return False
 
     def read(self, n):
-        return self.data[:n]
+        # a file-like response: each read takes the next bytes
+        out, self.data = self.data[:n], self.data[n:]
+        return out
 
 
 def test_urls_are_fetched_with_a_timeout_when_allowed(monkeypatch):
@@ -356,6 +359,30 @@ def test_oversized_download_is_refused(monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: _FakeResponse(b"x" * 500))
     with pytest.raises(ImageError, match="100 byte limit"):
         load_image("https://example.com/big.png", allow_urls=True)
+
+
+def test_downloads_are_limited_by_the_callers_size_and_time(monkeypatch):
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: _FakeResponse(b"x" * 500))
+    with pytest.raises(ImageError, match="200 byte limit"):
+        load_image("https://example.com/big.png", allow_urls=True, max_url_bytes=200)
+
+    class Slow(_FakeResponse):
+        def read(self, n):
+            time.sleep(0.03)
+            return super().read(1)  # a slow drip: every read returns, the whole takes too long
+
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: Slow(_png_bytes(Image.new("RGB", (3, 2)))))
+    with pytest.raises(ImageError, match="longer than 0.1 s"):
+        load_image("https://example.com/slow.png", allow_urls=True, url_timeout_s=0.1)
+
+
+def test_image_file_bytes_are_read_like_a_file():
+    out = load_image(_png_bytes(Image.new("RGB", (3, 2), (7, 8, 9))))
+    assert out.size == (3, 2) and out.getpixel((2, 1)) == (7, 8, 9)
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(b"hello, not a picture")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"")
 
 
 def test_failed_download_is_an_image_error(monkeypatch):

@@ -107,3 +107,59 @@ def test_greedy_without_processors_never_brings_logits_to_the_host(model, monkey
     assert calls == []
     model.generate(IMAGE, "caption en", max_tokens=5, min_tokens=5, repetition_penalty=1.1)
     assert len(calls) == 5
+
+
+def test_a_batch_with_settings_per_row_gives_each_row_its_own_generate(model):
+    images = [IMAGE, IMAGE[::-1].copy(), IMAGE[:, ::-1].copy()]
+    prompts = ["caption en", "ocr", "describe en"]
+    rows = [
+        pg.SamplingParams(max_tokens=5, temperature=0.0),
+        pg.SamplingParams(max_tokens=9, temperature=1.1, top_p=0.9, seed=7, min_tokens=9),
+        pg.SamplingParams(max_tokens=3, temperature=0.8, top_k=30, seed=2, repetition_penalty=1.3),
+    ]
+    batch = model.stream_batch(images, prompts, rows)
+    pieces = [""] * 3
+    for row, piece in batch:
+        pieces[row] += piece
+    for b, (image, prompt, params) in enumerate(zip(images, prompts, rows)):
+        alone = model.generate(image, prompt, params)
+        assert batch.results[b].token_ids == alone.token_ids
+        assert batch.results[b].finished_by == alone.finished_by
+        assert pieces[b] == batch.results[b].text == alone.text
+    assert len(batch.results[1].token_ids) == 9 and batch.results[1].finished_by == "max_tokens"
+
+
+def test_a_cancelled_row_stops_and_the_others_go_on(model):
+    batch = model.stream_batch([IMAGE, IMAGE], ["caption en", "ocr"], max_tokens=12, min_tokens=12)
+    counts = [0, 0]
+    for row, _ in batch:
+        counts[row] += 1
+        if row == 0 and counts[0] == 2:
+            batch.cancel(0)
+    first, second = batch.results
+    assert first.finished_by == "cancelled" and len(first.token_ids) <= 3
+    assert second.finished_by == "max_tokens"
+    assert second.token_ids == model.generate(IMAGE, "ocr", max_tokens=12, min_tokens=12).token_ids
+    everyone = model.stream_batch([IMAGE, IMAGE], ["caption en", "ocr"], max_tokens=50, min_tokens=50)
+    everyone.cancel(0)
+    everyone.cancel(1)
+    assert list(everyone) == [] and [r.finished_by for r in everyone.results] == ["cancelled"] * 2
+    assert all(len(r.token_ids) == 0 for r in everyone.results)
+
+
+def test_constrained_and_free_rows_of_one_batch_each_follow_their_own_settings(model):
+    rows = [
+        pg.SamplingParams(max_tokens=10, temperature=1.0, seed=1, constrain=True),
+        pg.SamplingParams(max_tokens=4, temperature=1.0, seed=2),
+        pg.SamplingParams(max_tokens=27, temperature=1.0, seed=3, constrain=True),
+        pg.SamplingParams(max_tokens=7, temperature=1.0, seed=4),
+    ]
+    prompts = ["detect cat", "caption en", "segment cat ; dog", "detect cat"]
+    batch = model.stream_batch([IMAGE] * 4, prompts, rows)
+    list(batch)
+    for b, (prompt, params) in enumerate(zip(prompts, rows)):
+        assert batch.results[b].token_ids == model.generate(IMAGE, prompt, params).token_ids
+    # the grammar of each constrained row counted its own max_tokens: whole objects only
+    assert len(pg.parse_detections(batch.results[0].text, batch.results[0].image_size)) >= 1
+    segments = pg.parse_segments(batch.results[2].text, batch.results[2].image_size, model.mask_decoder())
+    assert segments.invalid == 0 and len(segments) == 1
