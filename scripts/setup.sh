@@ -26,3 +26,17 @@ case "$(uname -s)-$(uname -m)" in
            pip install "torch==2.13.0" ;;
 esac
 pip install -e ".[$extras]"
+# tests/test_page.py drives a real browser: Debian's chromium through chromedriver (selenium)
+if [ "$(uname -s)" = Linux ] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium and chromium-driver (apt-get) ..." >&2
+    lock() { if command -v flock >/dev/null; then flock /tmp/apt.lock "$@"; else "$@"; fi; }
+    if ! { lock apt-get update && lock apt-get install -y --no-install-recommends chromium chromium-driver; } >> "$log" 2>&1; then
+      tail -n 30 "$log" >&2
+      echo "error: apt-get install chromium chromium-driver failed (full log: $log)" >&2
+      exit 1
+    fi
+  else
+    echo "note: tests/test_page.py needs chromium and chromedriver: sudo apt-get install chromium chromium-driver" >&2
+  fi
+fi
