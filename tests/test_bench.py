@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mlx_paligemma.dev import bench
@@ -60,3 +62,21 @@ def test_paligemma_bench_dispatches_to_the_dev_tool(capsys):
     assert main(["bench", "--engines", "ours-torch-int3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown engine 'ours-torch-int3'") and err.count("\n") == 1
+
+
+def test_the_server_benchmark_reports_both_phases_on_the_demo_model(tmp_path, capsys):
+    pytest.importorskip("openai", reason="the server benchmark needs the test-serve extra (openai)")
+    from mlx_paligemma.dev import bench_server
+
+    out = tmp_path / "server.json"
+    assert bench_server.main(["--model", "demo", "--dtype", "float32", "--clients", "2", "--max-tokens", "2",
+                              "--batch-wait-ms", "500", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("sequential", "concurrent"):
+        phase = report[name]
+        assert phase["tokens"] == sum(r["tokens"] for r in phase["requests"]) and 2 <= phase["tokens"] <= 4
+        assert phase["tokens_per_s"] == pytest.approx(phase["tokens"] / phase["wall_s"])
+    # the two at once ran as one batch; the requests differ (images and prompts)
+    assert report["health_after"]["largest_batch"] == 2 and report["clients"] == 2
+    assert len({(n, m, p) for n, m, p in bench_server.REQUESTS}) == len(bench_server.REQUESTS) == 8
+    assert "aggregate tokens/s" in capsys.readouterr().out
