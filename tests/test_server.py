@@ -326,6 +326,18 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, client):
     still_serving(client)
 
 
+def test_a_client_that_leaves_before_a_plain_answer_stops_its_generation(server):
+    before = server.health()["cancelled"]
+    body = chat_body(max_tokens=2000)
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert wait_for(lambda: server.health()["running"] == 1, 30)
+        time.sleep(3)  # well into decoding, while tokens keep coming
+    assert wait_for(lambda: server.health()["running"] == 0, 30)
+    assert server.health()["cancelled"] == before + 1
+
+
 def test_a_full_queue_is_503_with_retry_after(server, client):
     busy = client.chat.completions.create(model="demo", messages=user("describe en", data_url(ASTRONAUT)),
                                           max_tokens=2000, stream=True)

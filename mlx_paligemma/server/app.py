@@ -35,6 +35,7 @@ from .inputs import ApiError, Work, chat_work, decode_image, task_work
 
 STATIC = Path(__file__).parent / "static"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
+DISCONNECT_CHECK_S = 0.5
 DRAIN_FACTOR = 16  # an oversized body is read (and dropped) up to this many times the limit, then cut
 
 log = logging.getLogger("mlx_paligemma.server")
@@ -150,7 +151,7 @@ def create_app(model, config: ServerConfig) -> Starlette:
 
     async def submit(work: Work, finish=None) -> Job:
         image = await run_in_threadpool(decode_image, work.image_source, config)
-        job = Job(image, work.prompt, work.params, asyncio.get_running_loop(), finish=finish)
+        job = Job(image, work.prompt, work.params, asyncio.get_running_loop(), finish=finish, stream=work.stream)
         try:
             batcher.submit(job)
         except QueueFull as e:
@@ -198,18 +199,21 @@ def box_json(d) -> dict:
 
 
 async def next_event(request: Request, job: Job, deadline: float):
-    """The job's next event; checks every half second that the client is still there."""
+    """The job's next event; every half second (events or not) it checks that the client is still there."""
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             job.cancel()
             raise ApiError(504, "the request took longer than the server's time limit", "timeout")
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=min(0.5, left))
-        except asyncio.TimeoutError:
+        if now >= job.next_check:
+            job.next_check = now + DISCONNECT_CHECK_S
             if await request.is_disconnected():
                 job.cancel()
                 raise ClientGone()
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=min(DISCONNECT_CHECK_S, deadline - now))
+        except asyncio.TimeoutError:
+            continue
 
 
 def check_key(request: Request, config: ServerConfig) -> None:

@@ -26,8 +26,8 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's generation. Events on `events` (in the request's loop): ("piece", text),
-    ("done", (Generation, extra)) or ("error", exception)."""
+    """One request's generation. Events on `events` (in the request's loop): ("piece", text) when
+    streaming, then ("done", (Generation, extra)) or ("error", exception)."""
 
     image: Any
     prompt: str
@@ -35,7 +35,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     finish: Callable | None = None  # Generation -> extra data, run on the model's thread (masks)
+    stream: bool = False  # send ("piece", text) events (else only the end)
     cancelled: bool = False
+    next_check: float = 0.0  # when the request's handler next asks whether its client is still there
     _row: tuple | None = None  # (BatchStream, row) while running
 
     def emit(self, kind: str, value=None) -> None:
@@ -144,7 +146,8 @@ class Batcher:
             for row, job in enumerate(jobs):
                 job.attach(stream, row)
             for row, piece in stream:
-                jobs[row].emit("piece", piece)
+                if jobs[row].stream:
+                    jobs[row].emit("piece", piece)
             results = stream.results
         except Exception as e:  # the model failed: every request of the batch gets the error, the server goes on
             for job in jobs:
