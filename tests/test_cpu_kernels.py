@@ -49,6 +49,18 @@ def test_many_row_products_match_float64(M, N, K):
     scale = torch.rand(N, generator=g) / 100
     ref = x.double() @ (q.double() * scale.double()[:, None]).T
     assert torch.allclose(cpu_kernels.gemm_int8(x, q, scale).double(), ref, rtol=1e-5, atol=1e-6 * K**0.5)
+    bias = torch.randn(N, generator=g)
+    assert torch.allclose(cpu_kernels.gemm_bf16(x, w, bias).double(), x.double() @ w.double().T + bias.double(),
+                          rtol=1e-5, atol=1e-5 * K**0.5)
+    # bfloat16 rows in, bfloat16 out: the float32 sums of the same rows, rounded once as PyTorch rounds
+    xb = x.bfloat16()
+    xb[0, 0] = float("nan")  # NaN propagates to row 0 and rounds to PyTorch's NaN bits
+    for y16, y32 in ((cpu_kernels.gemm_bf16(xb, w), cpu_kernels.gemm_bf16(xb.float(), w)),
+                     (cpu_kernels.gemm_int8(xb, q, scale), cpu_kernels.gemm_int8(xb.float(), q, scale))):
+        assert y16.dtype == torch.bfloat16
+        nan = y16.isnan()
+        assert nan[0].all() and not nan[1:].any() and torch.equal(nan, y32.isnan())
+        assert torch.equal(y16[1:].view(torch.int16), y32[1:].bfloat16().view(torch.int16))
 
 
 def test_linear_many_rows_and_dtype():
@@ -79,3 +91,18 @@ def test_attention_kernels_read_cache_views_like_matmul(heads):
     weights = torch.softmax(torch.randn(3, G, R, 27, generator=g), dim=-1)
     out = cpu_kernels.attention_values(weights, v)
     assert torch.allclose(out.double(), weights.double() @ v.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_patch_embedding_as_one_product_equals_the_convolution():
+    """SigLIP's patch embedding (a convolution with stride = kernel size), bf16 weights and pixels,
+    through the blocked product: the float64 convolution of the same values, to bf16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(3, 40, kernel_size=14, stride=14).bfloat16()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+        conv.bias.copy_(torch.randn(40, generator=g))
+    pixels = torch.randn(2, 3, 56, 42, generator=g).bfloat16()
+    ref = torch.nn.functional.conv2d(pixels.double(), conv.weight.double(), conv.bias.double(), stride=14)
+    y = cpu_kernels.KernelPatchEmbedding(conv)(pixels)
+    assert y.shape == ref.shape == (2, 40, 4, 3) and y.dtype == torch.bfloat16
+    assert (y.double() - ref).abs().max() <= 1e-2 * ref.abs().max()

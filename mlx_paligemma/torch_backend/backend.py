@@ -14,7 +14,7 @@ from ..backend import Backend, State, attention_masks
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import CheckpointError, SettingError
 from ..hardware import cpu_info
-from . import cpu_kernels, lora
+from . import cpu_kernels, lora, siglip
 from .cache import make_cache
 from .gemma import Attention
 from .paligemma import PaliGemma
@@ -100,14 +100,18 @@ def sanitize(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def use_cpu_kernels(model: PaliGemma) -> None:
-    """Put the CPU kernels' layers in place of bfloat16 nn.Linear, int8 QuantizedLinear and the tied
-    embedding (explicit module replacement, as gpt-fast's quantize does), and turn on the attention
-    products that read the cache while decoding. int4 layers keep torch's kernel."""
+    """Put the CPU kernels' layers in place of bfloat16 nn.Linear, the patch embedding's convolution,
+    int8 QuantizedLinear and the tied embedding (explicit module replacement, as gpt-fast's quantize
+    does), and turn on float32 attention (SigLIP, text prefill) and the attention products that read
+    the cache while decoding. int4 layers keep torch's kernel."""
     for path, module in list(model.named_modules()):
-        if isinstance(module, Attention):
+        if isinstance(module, (Attention, siglip.Attention)):
             module.kernels = True
             continue
-        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
+        if isinstance(module, nn.Conv2d) and module.weight.dtype == torch.bfloat16 and module.stride == module.kernel_size \
+                and module.padding == (0, 0):
+            layer = cpu_kernels.KernelPatchEmbedding(module)
+        elif isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
             layer = cpu_kernels.KernelLinear(module.weight.data, module.bias)
         elif isinstance(module, QuantizedLinear) and module.bits == 8:
             layer = cpu_kernels.KernelLinear(module.weight, scale=module.scales)

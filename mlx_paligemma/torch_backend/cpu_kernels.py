@@ -282,11 +282,34 @@ static void pack_weights(const typename L::T* w, const float* scale, int64_t N, 
             panel[k * NR + j0] = L::one(w + (n0 + j0) * K + k0 + k, scale ? scale[n0 + j0] : 1.f);
 }
 
-// x rows m0 .. m0 + MR (rows past M are zeros), columns k0 .. k0 + kc -> packed[k][i]
-static void pack_rows(const float* x, int64_t M, int64_t K, int64_t m0, int64_t k0, int64_t kc, float* packed) {
+static inline float as_float(float v) { return v; }
+static inline float as_float(uint16_t v) { uint32_t b = uint32_t(v) << 16; float f; std::memcpy(&f, &b, 4); return f; }
+
+// x rows m0 .. m0 + MR (rows past M are zeros), columns k0 .. k0 + kc -> packed[k][i] float32
+template <typename X>
+static void pack_rows(const X* x, int64_t M, int64_t K, int64_t m0, int64_t k0, int64_t kc, float* packed) {
     const int64_t rows = std::min<int64_t>(MR, M - m0);
     for (int64_t k = 0; k < kc; ++k)
-        for (int i = 0; i < MR; ++i) packed[k * MR + i] = i < rows ? x[(m0 + i) * K + k0 + k] : 0.f;
+        for (int i = 0; i < MR; ++i) packed[k * MR + i] = i < rows ? as_float(x[(m0 + i) * K + k0 + k]) : 0.f;
+}
+
+// float32 -> bfloat16 bits, rounding to nearest even and NaN to 0x7FC0, as c10::BFloat16 does
+static inline void store_bf16(uint16_t* out, const float* in, int64_t n) {
+    int64_t j = 0;
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), nan = _mm256_set1_epi32(0x7FC0);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(in + j);
+        const __m256i b = _mm256_castps_si256(v);
+        __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16), one), bias));
+        r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        // 32 -> 16 bits within each 128-bit lane, then the two lanes' low halves together
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128((__m128i*)(out + j), _mm256_castsi256_si128(packed));
+    }
+    for (; j < n; ++j) {
+        uint32_t b; std::memcpy(&b, in + j, 4);
+        out[j] = in[j] != in[j] ? 0x7FC0 : uint16_t((b + ((b >> 16) & 1) + 0x7FFF) >> 16);
+    }
 }
 
 // c (rows x cols of a MR x NR tile, leading dimension ldc) = (first ? 0 : c) + xp . wp over kc
@@ -326,22 +349,21 @@ static inline void micro(const float* xp, const float* wp, int64_t kc, float* c,
     }
 }
 
-template <typename L>
-static torch::Tensor gemm(torch::Tensor x, const typename L::T* w, const float* scale, int64_t N, int64_t K) {
-    const int64_t M = x.size(0);
-    auto y = torch::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
+// x (M, K) float32 or bf16 bits -> y (M, N) float32, or bf16 (rounded once, from the float32 sums);
+// bias (N,) float32 or null, added to the float32 sums
+template <typename L, typename X>
+static void gemm(const X* xp, const typename L::T* w, const float* scale, const float* bias, int64_t M, int64_t N, int64_t K,
+                 float* yp, uint16_t* out16) {
     const int64_t MP = (M + MR - 1) / MR, KB = (K + KC - 1) / KC, NP = (N + NR - 1) / NR;
+    const int64_t tasks = (NP + PANELS_PER_TASK - 1) / PANELS_PER_TASK;
     // x packed once, block (kb, mp) at (kb * MP + mp) * KC * MR
     float* xpack = (float*)std::aligned_alloc(64, sizeof(float) * KB * MP * KC * MR);
-    #pragma omp parallel for schedule(static) collapse(2)
-    for (int64_t kb = 0; kb < KB; ++kb)
-        for (int64_t mp = 0; mp < MP; ++mp)
-            pack_rows(xp, M, K, mp * MR, kb * KC, std::min<int64_t>(KC, K - kb * KC), xpack + (kb * MP + mp) * KC * MR);
-    const int64_t tasks = (NP + PANELS_PER_TASK - 1) / PANELS_PER_TASK;
     #pragma omp parallel
     {
+        #pragma omp for schedule(static) collapse(2)
+        for (int64_t kb = 0; kb < KB; ++kb)
+            for (int64_t mp = 0; mp < MP; ++mp)
+                pack_rows(xp, M, K, mp * MR, kb * KC, std::min<int64_t>(KC, K - kb * KC), xpack + (kb * MP + mp) * KC * MR);
         alignas(64) float panel[KC * NR];
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; ++t) {
@@ -358,23 +380,44 @@ static torch::Tensor gemm(torch::Tensor x, const typename L::T* w, const float* 
                     }
                 }
             }
+            const int64_t n0 = t * PANELS_PER_TASK * NR, n1 = std::min(N, p_end * NR);
+            for (int64_t m = 0; bias && m < M; ++m)
+                for (int64_t n = n0; n < n1; ++n) yp[m * N + n] += bias[n];
+            for (int64_t m = 0; out16 && m < M; ++m) store_bf16(out16 + m * N + n0, yp + m * N + n0, n1 - n0);
         }
     }
     std::free(xpack);
+}
+
+// x (M, K) float32 or bfloat16 -> (M, N) in x's dtype
+template <typename L>
+static torch::Tensor gemm_any(torch::Tensor x, const typename L::T* w, const float* scale, c10::optional<torch::Tensor> bias, int64_t N) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16));
+    const int64_t M = x.size(0), K = x.size(1);
+    const float* b = nullptr;
+    if (bias.has_value()) {
+        TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N);
+        b = bias->data_ptr<float>();
+    }
+    auto acc = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+    if (x.scalar_type() == torch::kFloat) {
+        gemm<L, float>(x.data_ptr<float>(), w, scale, b, M, N, K, acc.data_ptr<float>(), nullptr);
+        return acc;
+    }
+    auto y = torch::empty({M, N}, x.options());
+    gemm<L, uint16_t>((const uint16_t*)x.data_ptr(), w, scale, b, M, N, K, acc.data_ptr<float>(), (uint16_t*)y.data_ptr());
     return y;
 }
 
-torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous());
+torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1));
-    return gemm<BF16>(x, (const uint16_t*)w.data_ptr(), nullptr, w.size(0), w.size(1));
+    return gemm_any<BF16>(x, (const uint16_t*)w.data_ptr(), nullptr, bias, w.size(0));
 }
 
-torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous());
+torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous() && w.size(1) == x.size(1));
     TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == w.size(0) && scale.is_contiguous());
-    return gemm<I8>(x, w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(0), w.size(1));
+    return gemm_any<I8>(x, w.data_ptr<int8_t>(), scale.data_ptr<float>(), bias, w.size(0));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -404,7 +447,7 @@ def build():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v10", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v12", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -434,28 +477,37 @@ def attention_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     return build().attention_values(weights.contiguous(), values)
 
 
-def gemm_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(M, K) float32 @ (N, K) bfloat16 weights -> (M, N) float32, any M (meant for many rows)."""
-    return build().gemm_bf16(x, w)
+def gemm_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) float32 or bfloat16 @ (N, K) bfloat16 weights (+ float32 bias) -> (M, N) in x's dtype
+    (float32 sums, one rounding), any M (meant for many rows)."""
+    return build().gemm_bf16(x, w, bias)
 
 
-def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(M, K) float32 @ (N, K) int8 weights * scale[n] -> (M, N) float32, any M (meant for many rows)."""
-    return build().gemm_int8(x, w, scale)
+def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) float32 or bfloat16 @ (N, K) int8 weights * scale[n] (+ float32 bias) -> (M, N) in x's dtype, any M."""
+    return build().gemm_int8(x, w, scale, bias)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (w bfloat16, or int8 with a float32 scale per output row), result in x's dtype.
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + bias (w bfloat16, or int8 with a float32 scale per output row), result in x's dtype.
 
-    A few rows (decoding): the streaming kernels. Many rows (prefill, vision): the blocked product
-    that widens weight panels as it packs them.
+    A few rows (decoding): the streaming kernels, the bias added in x's dtype. Many rows (prefill,
+    vision): the blocked product that widens weight panels as it packs them and adds the bias to its
+    float32 sums (one rounding, as PyTorch's bf16 addmm; and one operation fewer).
     """
     K = w.shape[1]
-    flat = x.reshape(-1, K).float().contiguous()
+    flat = x.reshape(-1, K)
     if flat.shape[0] <= MAX_ROWS:
+        flat = flat.float().contiguous()
         y = gemv_int8(flat, w, scale) if scale is not None else gemv_bf16(flat, w)
+        y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias
     else:
-        y = gemm_int8(flat, w, scale) if scale is not None else gemm_bf16(flat, w)
+        # the blocked products read bfloat16 rows and round their float32 sums to bfloat16 themselves
+        flat = flat.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else flat.float().contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        y = gemm_int8(flat, w, scale, b) if scale is not None else gemm_bf16(flat, w, b)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -474,8 +526,7 @@ class KernelLinear(nn.Module):
         self.register_buffer("scale", None if scale is None else scale.float().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.scale)
-        return y if self.bias is None else y + self.bias
+        return linear(x, self.weight, self.scale, self.bias)
 
 
 class KernelEmbedding(nn.Module):
@@ -497,3 +548,24 @@ class KernelEmbedding(nn.Module):
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.head_scales)
+
+
+class KernelPatchEmbedding(nn.Module):
+    """A convolution whose stride is its kernel size (SigLIP's patch embedding) as one `linear`: each
+    patch's pixels (C, p, p) flattened against each kernel flattened alike. On CPUs that emulate
+    bfloat16, PyTorch's bf16 convolution is an unvectorized loop (about a second for one image)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.patch = conv.kernel_size[0]
+        self.weight = nn.Parameter(conv.weight.data.reshape(conv.out_channels, -1).contiguous(), requires_grad=False)
+        self.bias = conv.bias
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = pixels.shape
+        p = self.patch
+        # (B, C, H/p, p, W/p, p) -> (B, H/p, W/p, C, p, p): patches in row-major order, each as the kernel is laid out
+        patches = pixels.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), -1)
+        y = linear(patches, self.weight, bias=self.bias)  # (B, N, D)
+        return y.transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B, D, H/p, W/p), as the convolution returns it
+

@@ -15,6 +15,7 @@ class Attention(nn.Module):
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.scale = config.head_dim**-0.5
+        self.kernels = False  # attention in float32 on CPUs that emulate bfloat16 (the torch backend sets it)
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -24,8 +25,10 @@ class Attention(nn.Module):
         B, L, D = x.shape
         # (B, L, D) -> (B, nh, L, hd)
         q, k, v = (p(x).reshape(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.kernels:
+            q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D).to(x.dtype))
 
 
 class MLP(nn.Module):
