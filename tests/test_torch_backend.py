@@ -324,9 +324,24 @@ def test_quantize_text_decoder_only(bits, tolerance, models):
     exact, model = models("torch", "pg2"), models("torch", "pg2", quantize=bits)
     net = model.backend.model
     assert model.backend.quantize == bits
-    assert isinstance(net.text.layers[0].self_attn.k_proj, QuantizedLinear) and net.text.layers[0].self_attn.k_proj.bits == bits
-    assert isinstance(net.text.embed_tokens, QuantizedEmbedding)
-    assert type(net.projector) is torch.nn.Linear and type(net.vision.encoder.layers[0].mlp.fc1) is torch.nn.Linear
+    k_proj, embed = net.text.layers[0].self_attn.k_proj, net.text.embed_tokens
+    if model.backend.kernels:
+        # CPUs that emulate bf16: the int8 weights (and the int8 embedding) go through the AVX2 kernels'
+        # layers, int4 ones keep tinygemm; the exact parts stay floating point
+        from mlx_paligemma.torch_backend.cpu_kernels import KernelEmbedding, KernelLinear
+
+        if bits == 8:
+            assert isinstance(k_proj, KernelLinear) and k_proj.weight.dtype == torch.int8 and k_proj.scale is not None
+        else:
+            assert isinstance(k_proj, QuantizedLinear) and k_proj.bits == bits
+        assert isinstance(embed, KernelEmbedding) and embed.weight.dtype == torch.int8 and embed.scales is not None
+        for exact_layer in (net.projector, net.vision.encoder.layers[0].mlp.fc1):  # floating point, no scale
+            assert type(exact_layer) in (torch.nn.Linear, KernelLinear) and exact_layer.weight.is_floating_point()
+            assert getattr(exact_layer, "scale", None) is None
+    else:
+        assert isinstance(k_proj, QuantizedLinear) and k_proj.bits == bits
+        assert isinstance(embed, QuantizedEmbedding)
+        assert type(net.projector) is torch.nn.Linear and type(net.vision.encoder.layers[0].mlp.fc1) is torch.nn.Linear
     image = make_image(1)
     assert rel_diff(model.logits(image, "caption en"), exact.logits(image, "caption en")) <= tolerance
     assert len(model.generate(image, "caption en", max_tokens=8, min_tokens=8).token_ids) == 8
