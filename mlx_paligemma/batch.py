@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .errors import ImageError, OutputError, PaliGemmaError, PromptError, SettingError
+from .files import atomic_file
 from .prompts import TASKS, is_detection_prompt, is_segmentation_prompt, task_prompt
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -277,18 +278,12 @@ class ParquetOutput:
         rows, _ = self._parquet_rows()
         rows += self.journal.existing()
         table = pa.Table.from_pylist(rows).replace_schema_metadata({self.JOURNAL_KEY: _sha256(self.journal.path).encode()})
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            with atomic_file(self.path) as tmp:
+                pq.write_table(table, tmp)
             _fsync_folder(self.path.parent)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise OutputError(f"{self.path}: cannot write the parquet file ({e.strerror or e}); the rows stay in {self.journal.path}") from None
-            raise
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot write the parquet file ({e.strerror or e}); the rows stay in {self.journal.path}") from None
         self.journal.path.unlink()
 
 

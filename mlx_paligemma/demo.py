@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_folder, cache_root
+from .files import atomic_file, atomic_folder, cache_root
 
 DEMO_VERSION = 2
 # what every surface says before answering with the demo checkpoint
@@ -203,10 +203,6 @@ def demo_vae() -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
+    with atomic_file(path) as tmp:
         save_file(demo_weights(seed=0), str(tmp), metadata={"demo": "true", "note": "random weights, not big_vision's decoder"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

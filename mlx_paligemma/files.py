@@ -6,7 +6,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import OutputError
 
@@ -59,14 +61,35 @@ class atomic_folder:
         return False
 
 
+@contextmanager
+def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_file(out) as tmp:` write the file tmp, a hidden name beside `out` (with out's
+    suffix, which some writers read the format from); when the block ends it is synced to disk and
+    renamed to `out`; on any error (or Ctrl-C) it is removed and `out` is as it was. Errors pass
+    through, for the caller to word."""
+    out = Path(out)
+    # in out's folder, so that the rename stays within one file system
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp{out.suffix}")
+    try:
+        yield tmp
+        sync_file(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_folder(folder: Path) -> None:
     """Flush every file to disk before a rename makes the folder visible."""
     for f in folder.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_file(f)
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

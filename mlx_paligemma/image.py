@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import io
 import os
-import secrets
 import struct
 import time
 import urllib.error
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageError, OutputError
+from .files import atomic_file
 
 MAX_PIXELS = 100_000_000
 URL_TIMEOUT_S = 30.0
@@ -222,29 +222,18 @@ def save_image_atomic(image: Image.Image, path) -> Path:
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         # JPEG has no alpha or palette; drawing outputs are RGB anyway
         image = image.convert("RGB")
-    # same folder as the target so os.replace is a rename within one file system
-    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        # os.open with 0o666 lets the umask decide the final permissions, as a plain open would
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        # also on KeyboardInterrupt the partial file goes and the old one stays
+        with atomic_file(path) as tmp:
+            try:
+                f = open(tmp, "xb")
+            except OSError as e:
+                raise OutputError(f"{path}: cannot write in {folder} ({_reason(e)})") from e
+            with f:
+                image.save(f, format=fmt)
     except OSError as e:
-        raise OutputError(f"{path}: cannot write in {folder} ({_reason(e)})") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        # also on KeyboardInterrupt: drop the partial file, keep the old one, then re-raise
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            why = "disk full" if e.errno == errno.ENOSPC else _reason(e)
-            raise OutputError(f"{path}: cannot write the image ({why})") from e
-        if isinstance(e, ValueError):
-            raise OutputError(f"{path}: cannot encode the image as {fmt} ({_reason(e)})") from e
-        raise
+        why = "disk full" if e.errno == errno.ENOSPC else _reason(e)
+        raise OutputError(f"{path}: cannot write the image ({why})") from e
+    except ValueError as e:
+        raise OutputError(f"{path}: cannot encode the image as {fmt} ({_reason(e)})") from e
     return path

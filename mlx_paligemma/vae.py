@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import sys
 import zipfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from .backend import pick_backend
 from .config import GRID, HIDDEN, MASK_SIZE, NUM_CODES, UP_CHANNELS
 from .errors import CheckpointError, OutputError, SettingError
-from .files import cache_root
+from .files import atomic_file, cache_root
 
 VAE_ENV = "PALIGEMMA_VAE"
 VAE_URL = "https://storage.googleapis.com/big_vision/paligemma/vae-oid.npz"  # gs://big_vision/paligemma/vae-oid.npz
@@ -189,14 +188,11 @@ def convert_vae(source: str | os.PathLike, out: str | os.PathLike, force: bool =
 def _write_atomic(out: Path, write) -> None:
     if not out.parent.is_dir():
         raise OutputError(f"{out}: the folder {out.parent} does not exist")
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
     try:
-        write(tmp)
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            write(tmp)
     except OSError as e:
         raise OutputError(f"{out}: cannot write ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def download_vae(out: str | os.PathLike | None = None, url: str = VAE_URL, force: bool = False, progress: bool = True) -> tuple[Path, str]:
@@ -216,36 +212,33 @@ def download_vae(out: str | os.PathLike | None = None, url: str = VAE_URL, force
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"downloading {url} to {out}", file=sys.stderr)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
     h = hashlib.sha256()
     try:
-        try:
-            response = urllib.request.urlopen(url, timeout=60)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise OutputError(f"cannot download {url}: {reason}") from None
-        with response, open(tmp, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=out.name, disable=not progress, file=sys.stderr) as bar:
-                while True:
-                    try:
-                        block = response.read(1 << 16)
-                    except OSError as e:
-                        raise OutputError(f"download of {url} broke off: {e}") from None
-                    if not block:
-                        break
-                    f.write(block)
-                    h.update(block)
-                    bar.update(len(block))
-            if total is not None and f.tell() != total:
-                raise OutputError(f"download of {url} broke off after {f.tell()} of {total} bytes")
-        read_weights(tmp)  # a file that is not a decoder never takes the final name
-        digest = h.hexdigest()
-        os.replace(tmp, out)
+        with atomic_file(out) as tmp:
+            try:
+                response = urllib.request.urlopen(url, timeout=60)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise OutputError(f"cannot download {url}: {reason}") from None
+            with response, open(tmp, "wb") as f:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=out.name, disable=not progress, file=sys.stderr) as bar:
+                    while True:
+                        try:
+                            block = response.read(1 << 16)
+                        except OSError as e:
+                            raise OutputError(f"download of {url} broke off: {e}") from None
+                        if not block:
+                            break
+                        f.write(block)
+                        h.update(block)
+                        bar.update(len(block))
+                if total is not None and f.tell() != total:
+                    raise OutputError(f"download of {url} broke off after {f.tell()} of {total} bytes")
+            read_weights(tmp)  # a file that is not a decoder never takes the final name
     except CheckpointError as e:
         raise OutputError(f"{url} did not give a mask decoder file: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    digest = h.hexdigest()
     out.with_name(out.name + ".sha256").write_text(f"{digest}  {out.name}\n")
     return out, digest
 

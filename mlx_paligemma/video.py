@@ -20,6 +20,7 @@ from typing import Iterator
 
 from .batch import DEFAULT_BATCH_SIZE, Item, open_output, run_one_batch
 from .errors import ImageError, OutputError, SettingError
+from .files import atomic_file
 
 VIDEO_SUFFIXES = {".mp4": "libx264", ".mkv": "libx264", ".mov": "libx264", ".webm": "libvpx", ".avi": "mpeg4"}
 _EVERY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|ms|f)\s*$")
@@ -152,35 +153,31 @@ def save_annotated(clip: str, boxes: dict[int, tuple[list, list]], out_path: str
     source = _open(clip)
     rate = source.streams.video[0].average_rate or source.streams.video[0].guessed_rate or 25
     source.close()
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp{out_path.suffix}")
     try:
-        with av.open(str(tmp), mode="w") as target:
-            stream = None
-            current: tuple[list, list] = ([], [])
-            for index, _, frame in frames(clip):
-                if index in boxes:
-                    current = boxes[index]
-                if stream is None:
-                    stream = target.add_stream(codec, rate=rate)
-                    stream.width, stream.height = frame.width, frame.height
-                    # 4:2:0 chroma needs even sides; 4:4:4 takes any
-                    stream.pix_fmt = "yuv420p" if frame.width % 2 == 0 and frame.height % 2 == 0 else "yuv444p"
-                picture = draw_segments(frame.to_image(), *current) if any(current) else frame.to_image()
-                drawn = av.VideoFrame.from_image(picture)
-                drawn.pts = index
-                for packet in stream.encode(drawn):
-                    target.mux(packet)
-            if stream is not None:
-                for packet in stream.encode():
-                    target.mux(packet)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, av.FFmpegError)) and not isinstance(e, ImageError):
-            raise OutputError(f"{out_path}: cannot write the video ({e})") from None
-        raise
+        with atomic_file(out_path) as tmp:  # keeps the suffix, from which av picks the container
+            with av.open(str(tmp), mode="w") as target:
+                stream = None
+                current: tuple[list, list] = ([], [])
+                for index, _, frame in frames(clip):
+                    if index in boxes:
+                        current = boxes[index]
+                    if stream is None:
+                        stream = target.add_stream(codec, rate=rate)
+                        stream.width, stream.height = frame.width, frame.height
+                        # 4:2:0 chroma needs even sides; 4:4:4 takes any
+                        stream.pix_fmt = "yuv420p" if frame.width % 2 == 0 and frame.height % 2 == 0 else "yuv444p"
+                    picture = draw_segments(frame.to_image(), *current) if any(current) else frame.to_image()
+                    drawn = av.VideoFrame.from_image(picture)
+                    drawn.pts = index
+                    for packet in stream.encode(drawn):
+                        target.mux(packet)
+                if stream is not None:
+                    for packet in stream.encode():
+                        target.mux(packet)
+    except (OSError, av.FFmpegError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise OutputError(f"{out_path}: cannot write the video ({e})") from None
     return out_path
 
 
