@@ -1,6 +1,6 @@
 """The interactive shell of `paligemma chat`: one model, one current image, many prompts.
 
-It is a thin loop over the public API (`Model.stream`, `parse_detections`, `parse_segments`, the drawing):
+It is a thin loop over the public API (`Model.stream` and its detections, `parse_segments`, the drawing):
 it reads a line, changes a setting or runs a prompt about the current image, and prints the
 streamed answer and its stats line through `print_fn`, so a test can drive it with prompt_toolkit's
 pipe input and capture everything it says.
@@ -253,9 +253,9 @@ class Shell:
         self.print(result.stats.line())
 
     def show_boxes(self, result) -> None:
-        from .detection import format_detections, parse_detections
+        from .detection import format_detections
 
-        detections = parse_detections(result.text, result.image_size)
+        detections = result.detections
         if not detections:
             self._keep(None, [])  # /save never draws an earlier answer's objects
             self.print("(no boxes in the answer)")
