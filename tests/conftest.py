@@ -55,8 +55,11 @@ def _paligemma_config(text_overrides: dict, real_vocab: int):
                            projection_dim=64, hidden_size=64, vocab_size=vocab)
 
 
-def _randomize(model, seed: int) -> None:
-    """Weights by the demo checkpoint's rule (transformers' init is near zero: greedy choices would be near ties)."""
+def _randomize(model, seed: int, round_to=None) -> None:
+    """Weights by the demo checkpoint's rule (transformers' init is near zero: greedy choices would be near ties).
+
+    round_to (a torch dtype): each weight rounded to it, kept in the model's dtype (the values a
+    checkpoint stored in that dtype holds)."""
     import torch
 
     from mlx_paligemma.checkpoint import canonical_name
@@ -66,7 +69,8 @@ def _randomize(model, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             mean, std = init_rule(canonical_name(name), tuple(p.shape))
-            p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
+            w = torch.randn(p.shape, generator=gen) * std + mean
+            p.copy_(w if round_to is None else w.to(round_to))
 
 
 def _hub_name(key: str) -> str | None:

@@ -5,7 +5,9 @@ wrote it: no head_dim, 3B without num_attention_heads) cut to 2 text layers (one
 full) and 1 vision layer, with a tiny vocabulary, random weights made by transformers, stored in
 bf16 in the hub layout and sharded, as the hub ships them. Computation is float32 on both sides:
 the logits of the prefix and of a causal suffix must be within 1e-4 of the range of transformers'.
-Each model is freed after use: the 28B widths at 2 layers are 1.1 G parameters.
+Each model is freed after use: the 28B widths at 2 layers are 1.1 G parameters (4.5 GB in
+float32), and their 896 px prefix is 4096 image tokens + bos + prompt + newline, past the
+4096-token window of the sliding layer. transformers' logits are computed once per variant.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def build(name: str, folder: Path) -> dict:
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration
     from transformers import PaliGemmaProcessor
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # where it lived before
+        from transformers.modeling_utils import no_init_weights
 
     from mlx_paligemma.demo import build_tokenizer
 
@@ -51,13 +57,14 @@ def build(name: str, folder: Path) -> dict:
     for f in ("generation_config.json", "preprocessor_config.json"):
         shutil.copy(hub / f, folder / f)
 
-    torch.manual_seed(0)
-    model = PaliGemmaForConditionalGeneration._from_config(
-        PaliGemmaConfig.from_pretrained(folder), attn_implementation="eager", dtype=torch.float32).eval()
-    _randomize(model, seed=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())  # the weights the bf16 files hold, computed in float32
+    # transformers' own init would be overwritten (and takes minutes at these widths on 2 cores);
+    # buffers (positions, embedding scale, rope frequencies) are still made by the constructor
+    with no_init_weights():
+        model = PaliGemmaForConditionalGeneration._from_config(
+            PaliGemmaConfig.from_pretrained(folder), attn_implementation="eager", dtype=torch.float32).eval()
+    model.tie_weights()  # done by the init skipped above: the output head is the embedding
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    _randomize(model, seed=0, round_to=torch.bfloat16)  # the weights the bf16 files hold, computed in float32
     _write_hub_layout(model, folder, "bfloat16", shards=2)
 
     processor = PaliGemmaProcessor(image_processor=AutoImageProcessor.from_pretrained(folder),
@@ -79,39 +86,49 @@ def build(name: str, folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(request, tmp_path_factory):
-    ref = build(request.param, tmp_path_factory.mktemp("realwidth") / request.param)
-    yield request.param, ref
-    shutil.rmtree(ref["folder"])
+def references(tmp_path_factory):
+    """name -> the variant's folder and transformers' logits, built once (one variant on disk at a time)."""
+    built: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in built:
+            for ref in built.values():
+                shutil.rmtree(ref["folder"])
+            built.clear()
+            built[name] = build(name, tmp_path_factory.mktemp("realwidth") / name)
+        return built[name]
+
+    yield get
+    for ref in built.values():
+        shutil.rmtree(ref["folder"])
 
 
-# MLX runs on the CPU here, slowly: it is held to transformers at real widths on 3B. The 10B and
-# 28B widths (0.4 and 1.1 G parameters at 2 layers, 28B-896 with a 4100-token prefix) are run by
-# hand until their time and memory on CI's 2 cores are measured (pytest -m slow)
-SLOW = pytest.mark.slow
-CASES = [("3b-224", "torch"), ("3b-224", "mlx"), pytest.param("10b-448", "torch", marks=SLOW),
-         pytest.param("28b-896", "torch", marks=SLOW)]
+# MLX runs on the CPU here, slowly: it is held to transformers at real widths on 3B only. 28B-896
+# (the costliest case of the suite: two 4106-token forwards of 1.1 G parameters) has passed by hand
+# (pytest -m slow) and joins the default run once it has passed with this code on the shared machine
+CASES = [("3b-224", "torch"), ("3b-224", "mlx"), ("10b-448", "torch"),
+         pytest.param("28b-896", "torch", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("reference, backend", CASES, indirect=["reference"])
-def test_real_widths_logits_match_transformers(reference, backend):
-    name, ref = reference
+@pytest.mark.parametrize("name, backend", CASES)
+def test_real_widths_logits_match_transformers(name, backend, references):
+    ref = references(name)
     model = pg.load(ref["folder"], backend=backend, dtype="float32")
     head_dim = model.config.text.head_dim
     assert len(model.prompt_ids(PROMPT)) == ref["prefix_len"]
+    if name == "28b-896":
+        # 4096 image tokens + bos + prompt + newline: in the sliding layer each suffix token drops the
+        # first keys of the prefix. That is measurable: with the window off in our masks the suffix
+        # logits were 0.7e-3 to 3.2e-3 of the range from transformers' (2026-12-03), so a window
+        # applied wrongly fails the tolerance below
+        assert ref["prefix_len"] > ref["window"] == 4096
     ours = model.logits(ref["image"], PROMPT, suffix=ref["suffix"])
     del model
     gc.collect()
     theirs = ref["logits"]
     assert ours.shape == theirs.shape
-    diff = float(np.abs(ours - theirs).max() / (theirs.max() - theirs.min()))
-    print(f"\n{name} {backend}: worst logits diff {diff:.2e} of the range (head_dim {head_dim})")
-    assert diff <= 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("reference", ["28b-896"], indirect=True)
-def test_the_896_prefix_is_longer_than_the_sliding_window(reference):
-    _, ref = reference
-    # 4096 image tokens + bos + prompt + newline: the sliding layer masks the far end of the prefix
-    assert ref["prefix_len"] > ref["window"] == 4096
+    P, span = ref["prefix_len"], theirs.max() - theirs.min()
+    prefix, suffix = (float(np.abs(ours[rows] - theirs[rows]).max() / span) for rows in (slice(None, P), slice(P, None)))
+    print(f"\n{name} {backend}: worst logits diff of the range: prefix {prefix:.2e}, suffix {suffix:.2e} "
+          f"(head_dim {head_dim}, prefix {P} tokens, window {ref['window']})")
+    assert max(prefix, suffix) <= 1e-4

@@ -15,8 +15,10 @@ from ..config import TextConfig
 from . import cpu_kernels
 
 
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap)."""
+def softcap(x: torch.Tensor, cap: float, inplace: bool = False) -> torch.Tensor:
+    """cap * tanh(x / cap); inplace overwrites x (same values, no new tensors)."""
+    if inplace:
+        return x.div_(cap).tanh_().mul_(cap)
     return torch.tanh(x / cap) * cap
 
 
@@ -104,11 +106,15 @@ class Attention(nn.Module):
         # decoding on a CPU with our kernels: the two products that read the float32 cache are theirs
         fused = self.kernels and rep * L <= 8 and q.dtype == torch.float32 and k.dtype == torch.float32 and hd % 8 == 0
         scores = cpu_kernels.attention_scores(q, k) if fused else q @ k.transpose(-1, -2)
-        scores = (scores * self.scale).reshape(B, nkv, rep, L, S)
+        # without autograd the scores are scaled, capped and masked in place: a long prefill holds
+        # two (B, nh, L, S) tensors at a time instead of four (2.2 GB each for 28B-896 in float32)
+        inplace = not scores.requires_grad
+        scores = (scores.mul_(self.scale) if inplace else scores * self.scale).reshape(B, nkv, rep, L, S)
         # the softcap comes before the mask, as in transformers
-        scores = softcap(scores, self.softcap)
+        scores = softcap(scores, self.softcap, inplace)
         if mask is not None:
-            scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+            fill = torch.finfo(scores.dtype).min
+            scores = scores.masked_fill_(~mask[:, :, None], fill) if inplace else scores.masked_fill(~mask[:, :, None], fill)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).reshape(B, nkv, rep * L, S)
         out = cpu_kernels.attention_values(weights, v) if fused else weights @ v
         return out.reshape(B, nh, L, hd)
