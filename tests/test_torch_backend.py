@@ -82,9 +82,10 @@ def test_greedy_and_sampled_ids_equal_mlx(name, models):
 def test_bfloat16_equals_transformers_bfloat16(name, checkpoints, oracles, models):
     """transformers with SDPA where we use it (SigLIP, Gemma 1) and eager for Gemma 2's softcap.
 
-    With torch's own bf16 matmuls the two agree exactly; on CPUs where our streaming kernels
-    replace them (they accumulate in another order) they differ by bf16 rounding: measured 0.6%
-    of the logits' range, against several times the range for a real error.
+    With torch's own bf16 matmuls the two agree exactly; on CPUs where our kernels replace them
+    (they accumulate in another order, and the vision tower's activations are float32) they differ
+    by bf16 rounding: measured 1.2% (pg2) and 1.5% (pg1) of the logits' range on AMD EPYC Zen 3,
+    against several times the range for a real error.
     """
     from transformers import PaliGemmaForConditionalGeneration
 
@@ -96,7 +97,11 @@ def test_bfloat16_equals_transformers_bfloat16(name, checkpoints, oracles, model
     ).eval()
     model = models("torch", name, dtype="bfloat16")
     assert model.backend.dtype == "bfloat16"
-    assert {p.dtype for p in model.backend.model.parameters()} == {torch.bfloat16}
+    wide = {n for n, p in model.backend.model.named_parameters() if p.dtype != torch.bfloat16}
+    # on CPUs that emulate bf16 the vision tower's activations are float32, and with them its norms
+    # and position embedding (a few thousand values); every weight matrix stays bf16
+    assert all(n.startswith("vision.") and ("layernorm" in n or "layer_norm" in n or "position_embedding" in n)
+               for n in wide) if model.backend.kernels else not wide
     image = make_image(2)
     suffix = [5, 6, 7, 8, 9]
     tolerance = 2e-2 if model.backend.kernels else 1e-3

@@ -123,6 +123,11 @@ def use_cpu_kernels(model: PaliGemma) -> None:
             continue
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+    # the vision tower runs on float32 activations (its weights stay bf16, widened by the kernels):
+    # bf16 layer norms, GELUs and sums are emulated here, slower than float32 ones and as many again
+    for module in model.vision.modules():
+        if isinstance(module, (nn.LayerNorm, nn.Embedding)):
+            module.float()
 
 
 def quantizable(path: str, module: nn.Module) -> bool:
@@ -256,7 +261,9 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def image_features(self, pixel_values: np.ndarray) -> torch.Tensor:
-        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self._device, self._dtype)
+        # on CPUs that emulate bf16 the vision tower's activations are float32 (use_cpu_kernels)
+        dtype = torch.float32 if self.kernels else self._dtype
+        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self._device, dtype)
         return self.model.image_features(pixels)
 
     def stack_features(self, rows: list) -> torch.Tensor:
