@@ -80,3 +80,64 @@ def test_the_server_benchmark_reports_both_phases_on_the_demo_model(tmp_path, ca
     assert report["health_after"]["largest_batch"] == 2 and report["clients"] == 2
     assert len({(n, m, p) for n, m, p in bench_server.REQUESTS}) == len(bench_server.REQUESTS) == 8
     assert "aggregate tokens/s" in capsys.readouterr().out
+
+
+def _bench_batch_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_batch.py"
+    spec = importlib.util.spec_from_file_location("bench_batch_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_bench_images_are_distinct_unless_repeats_are_asked_for(tmp_path):
+    """The batch figure must not be inflated by the caches: N different pictures; --distinct K: K."""
+    import hashlib
+
+    script = _bench_batch_script()
+
+    def contents(folder, n, distinct=None):
+        folder.mkdir()
+        script.distinct_images(folder, n, distinct)
+        files = sorted(folder.iterdir())
+        assert len(files) == n
+        return {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    assert len(contents(tmp_path / "a", 12)) == 12
+    assert len(contents(tmp_path / "b", 12, distinct=3)) == 3
+
+
+def test_batch_bench_rows_equal_the_single_calls_across_phases(tmp_path, capsys):
+    """The two phases in separate runs (as under a lock that rotates): the batch rows are compared
+    with the ids the singles wrote."""
+    import json
+
+    script = _bench_batch_script()
+    common = ["--model", str(demo_checkpoint()), "--images", "3", "--batch-size", "2", "--tokens", "2", "--ids", str(tmp_path / "ids.json")]
+    assert script.main(common + ["--phase", "single"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single["single"]["images_per_s"] > 0 and "batch" not in single
+    assert len(json.loads((tmp_path / "ids.json").read_text())) == 3
+    assert script.main(common + ["--phase", "batch", "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["rows_with_the_ids_of_the_single_call"] == "3/3" and report["batch"]["errors"] == 0
+    assert "AMD" in report["machine"] or "cores" in report["machine"]
+
+
+def test_training_step_reports_the_peak_of_the_timed_step():
+    result = bench.worker_train_ours("ours-torch", "float32", demo_checkpoint(), steps=1)
+    assert {"step_s", "tokens_per_s", "first_loss", "last_loss", "peak_rss_bytes", "peak_rss_load_and_warm_up_bytes"} <= set(result)
+    assert result["step_s"] > 0 and result["first_loss"] > 0
+    assert result["last_loss"] < result["first_loss"]  # an AdamW step on the same row lowers its loss
+    assert 0 < result["peak_rss_bytes"]
+
+
+def test_machine_description_names_the_cpu_and_what_it_lacks(monkeypatch):
+    from mlx_paligemma.hardware import CPU
+
+    monkeypatch.setattr(bench, "cpu_info", lambda: CPU("AMD EPYC", frozenset({"avx2", "fma", "sse2"})))
+    d = bench.machine_description()
+    assert "AMD EPYC" in d and "(avx2, fma; no avx512f, avx512_bf16, amx_bf16, bf16)" in d

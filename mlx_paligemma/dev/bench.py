@@ -283,9 +283,10 @@ def worker_train_ours(kind: str, variant: str, folder: Path, steps: int) -> dict
 def worker_train_transformers(variant: str, folder: Path, steps: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import PaliGemmaForConditionalGeneration
 
-    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, variant), attn_implementation="eager")
+    if variant not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--train: transformers-{variant} is not a training engine here (use float32 or bfloat16)")
+    model = transformers_model(variant, folder)  # as for generation: SigLIP on SDPA, Gemma 2 eager
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets))
     model.train()
@@ -305,6 +306,8 @@ def worker_train_transformers(variant: str, folder: Path, steps: int) -> dict:
 
 def _train_steps(step, steps: int, tokens: int, targets: int) -> dict:
     first = step()  # warm-up: kernels, allocator, optimizer state
+    process_peak = peak_rss_bytes()  # load and warm-up step
+    reset_peak_rss()  # the peak reported is that of the timed steps (weights, optimizer state, activations)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -312,7 +315,7 @@ def _train_steps(step, steps: int, tokens: int, targets: int) -> dict:
         times.append(time.perf_counter() - t0)
     s = statistics.median(times)
     return {"step_s": s, "tokens_per_s": tokens / s, "tokens": tokens, "targets": targets, "first_loss": first,
-            "last_loss": last, "peak_rss_bytes": peak_rss_bytes()}
+            "last_loss": last, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_load_and_warm_up_bytes": process_peak}
 
 
 def worker(args) -> int:
@@ -374,10 +377,13 @@ def decode_bytes_per_token(config, variant: str) -> float:
 def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict, train_steps: int = 0) -> dict:
     cmd = [sys.executable, "-m", "mlx_paligemma.dev.bench", "--worker", engine, "--folder", str(folder),
            "--tokens", str(tokens), "--batch-size", str(batch), "--train-steps", str(train_steps)]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            # the 1-minute load average before and after: other jobs on the machine slow every figure
+            return dict(json.loads(line[len("RESULT "):]), load_before=load_before, load_after=load_after)
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": tail[:300]}
 
@@ -542,10 +548,30 @@ def main(argv=None) -> int:
 
 
 def machine_description() -> str:
+    """The CPU as benchmark figures name it: model name, family and model numbers, the flags that
+    choose our code paths (and those it lacks), cores and memory."""
     cpu = cpu_info()
-    kind = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16") if f in cpu.flags) or "flags unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "bf16")
+    if cpu.flags:
+        kind = ", ".join(f for f in wanted if f in cpu.flags)
+        kind += "; no " + ", ".join(f for f in wanted[2:] if f not in cpu.flags) if any(f not in cpu.flags for f in wanted[2:]) else ""
+    else:
+        kind = "flags unknown"
+    family = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    name = cpu.name + (f" family {family[0]} model {family[1]}" if all(family) else "")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
-    return f"{platform.system()} {platform.machine()}, {cpu.name} ({kind}), {os.cpu_count()} cores, {mem:.0f} GiB"
+    return f"{platform.system()} {platform.machine()}, {name} ({kind}), {os.cpu_count()} cores, {mem:.0f} GiB"
+
+
+def _cpuinfo_field(key: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, value = line.partition(":")
+            if k.strip() == key:
+                return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 if __name__ == "__main__":
