@@ -2,6 +2,7 @@
 
     flock /tmp/heavy.lock python scripts/bench_batch.py                 # full-size random 3B-224, 32 images, both phases
     python scripts/bench_batch.py --phase single --ids ids.json         # the singles alone (their ids kept) ...
+    python scripts/bench_batch.py --phase single --subset 0:8 --ids ids.json   # or the singles in pieces
     python scripts/bench_batch.py --phase batch --ids ids.json          # ... and the batch, compared with them
     python scripts/bench_batch.py --phase batch --images 8 --distinct 1 # 8 rows of one image: what dedup gives
     python scripts/bench_batch.py --model demo --images 4 --batch-size 2 --tokens 2   # a quick check
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16, help="new tokens per image, forced (default 16: prefill-heavy, as captions are)")
     p.add_argument("--phase", choices=("both", "single", "batch"), default="both")
     p.add_argument("--ids", default=None, help="JSON file of the singles' ids: written by phase single, compared by phase batch")
+    p.add_argument("--subset", default=None, metavar="START:END",
+                   help="run only these images of the N (the singles in pieces, under a lock that rotates); --ids then gathers their ids")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
 
@@ -95,13 +98,15 @@ def main(argv=None) -> int:
     model = pg.load(model_path, backend=args.backend)
     load_s = time.perf_counter() - t0
     kwargs = dict(max_tokens=args.tokens, min_tokens=args.tokens)
-    n, tokens = args.images, args.images * args.tokens
+    start, end = (int(x) if x else None for x in args.subset.split(":")) if args.subset else (None, None)
+    n = len(range(args.images)[start:end])
+    tokens = n * args.tokens
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_description(),
         "command": "python scripts/bench_batch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": model_path, "backend": model.backend.name, "dtype": model.backend.dtype,
-        "images": n, "distinct_images": min(n, args.distinct or n), "batch_size": args.batch_size,
+        "images": n, "subset": args.subset, "distinct_images": min(n, args.distinct or n), "batch_size": args.batch_size,
         "tokens_per_image": args.tokens, "load_s": round(load_s, 1),
     }
     warm_up(model)
@@ -109,8 +114,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
-        distinct_images(folder, n, args.distinct)
-        items = collect_items(str(folder), "caption")
+        distinct_images(folder, args.images, args.distinct)
+        items = collect_items(str(folder), "caption")[start:end]
 
         if args.phase in ("both", "single"):
             model._features.clear()
@@ -122,7 +127,9 @@ def main(argv=None) -> int:
                                 "tokens_per_s": round(tokens / single_s, 2),
                                 "load_average_before": load_before, "load_average_after": load_average()}
             if args.ids and args.phase == "single":
-                Path(args.ids).write_text(json.dumps(single))
+                ids = Path(args.ids)
+                gathered = json.loads(ids.read_text()) if args.subset and ids.exists() else {}
+                ids.write_text(json.dumps(gathered | single))
         if args.phase == "batch" and args.ids:
             single = json.loads(Path(args.ids).read_text())
 
@@ -139,6 +146,7 @@ def main(argv=None) -> int:
                                "load_average_before": load_before, "load_average_after": load_average()}
             if single is not None:
                 same = sum(r["token_ids"] == single.get(r["input"]) for r in rows)
+                report["rows_without_a_single_call"] = sum(r["input"] not in single for r in rows)
                 report["rows_with_the_ids_of_the_single_call"] = f"{same}/{len(rows)}"
             if "single" in report:
                 report["speedup"] = round(report["single"]["seconds"] / batch_s, 2)

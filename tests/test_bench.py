@@ -117,13 +117,15 @@ def test_batch_bench_rows_equal_the_single_calls_across_phases(tmp_path, capsys)
 
     script = _bench_batch_script()
     common = ["--model", str(demo_checkpoint()), "--images", "3", "--batch-size", "2", "--tokens", "2", "--ids", str(tmp_path / "ids.json")]
-    assert script.main(common + ["--phase", "single"]) == 0
+    assert script.main(common + ["--phase", "single", "--subset", ":2"]) == 0
     single = json.loads(capsys.readouterr().out)
-    assert single["single"]["images_per_s"] > 0 and "batch" not in single
-    assert len(json.loads((tmp_path / "ids.json").read_text())) == 3
+    assert single["images"] == 2 and single["single"]["images_per_s"] > 0 and "batch" not in single
+    assert script.main(common + ["--phase", "single", "--subset", "2:"]) == 0
+    assert sorted(json.loads((tmp_path / "ids.json").read_text())) == ["img000.png", "img001.png", "img002.png"]
     assert script.main(common + ["--phase", "batch", "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["rows_with_the_ids_of_the_single_call"] == "3/3" and report["batch"]["errors"] == 0
+    assert report["rows_with_the_ids_of_the_single_call"] == "3/3" and report["rows_without_a_single_call"] == 0
+    assert report["batch"]["errors"] == 0
     assert "AMD" in report["machine"] or "cores" in report["machine"]
 
 
