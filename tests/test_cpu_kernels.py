@@ -77,6 +77,31 @@ def test_linear_many_rows_and_dtype():
     assert (few.double() - y[:, :1].double()).abs().max() <= 0.01 * ref.abs().max()
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("rows", [3, 40])  # the streaming kernel and the chunked products
+def test_linear_gradient_is_that_of_the_float64_product(quantized, rows, monkeypatch):
+    """LoRA training over a frozen bf16 or int8 base: the gradient reaching x is grad @ w (w widened
+    a chunk at a time, several chunks here), as float64 autograd gives it; w gets none."""
+    g = torch.Generator().manual_seed(1)
+    monkeypatch.setattr(cpu_kernels, "BACKWARD_CHUNK_BYTES", 256 * 4 * 700)
+    if quantized:
+        w = torch.randint(-127, 128, (2000, 256), generator=g, dtype=torch.int8)
+        scale = torch.rand(2000, generator=g) / 100 + 1e-3
+        dense = w.double() * scale.double()[:, None]
+    else:
+        w, scale = torch.randn(2000, 256, generator=g).bfloat16(), None
+        dense = w.double()
+    x = torch.randn(1, rows, 256, generator=g).requires_grad_()
+    up = torch.randn(1, rows, 2000, generator=g)
+    (cpu_kernels.linear(x, w, scale) * up).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ((x64 @ dense.T) * up.double()).sum().backward()
+    assert x.grad.shape == x.shape and x.grad.dtype == torch.float32
+    assert (x.grad.double() - x64.grad).abs().max() <= 1e-5 * x64.grad.abs().max()
+    with torch.no_grad():  # inference takes the plain path: no graph
+        assert cpu_kernels.linear(x, w, scale).grad_fn is None
+
+
 @pytest.mark.parametrize("heads", [(4, 2), (1, 8)])  # (kv heads, query heads per kv head): PaliGemma 2 and 1
 def test_attention_kernels_read_cache_views_like_matmul(heads):
     """Scores and weighted values over (B, G, S, D) views of a longer cache buffer, against float64."""

@@ -303,16 +303,23 @@ def dequantized_into(quantized, plain) -> None:
     if quantized.backend.name == "torch":
         import torch
 
+        from mlx_paligemma.torch_backend.cpu_kernels import KernelEmbedding, KernelLinear
         from mlx_paligemma.torch_backend.quantize import QuantizedEmbedding, QuantizedLinear
 
         qmods = dict(quantized.backend.model.named_modules())
+        copied = 0
         for path, m in plain.backend.model.named_modules():
             q = qmods.get(path)
             q = getattr(q, "base_layer", q)
-            if isinstance(q, (QuantizedLinear, QuantizedEmbedding)):
-                assert q.bits == 8 if isinstance(q, QuantizedLinear) else True
+            # on an x86 CPU without bf16 the int8 layers are our kernels' (int8 rows, a scale each)
+            scales = getattr(q, "scales", None) if isinstance(q, (QuantizedLinear, QuantizedEmbedding, KernelEmbedding)) \
+                else getattr(q, "scale", None) if isinstance(q, KernelLinear) else None
+            if scales is not None:
+                assert q.bits == 8 if isinstance(q, QuantizedLinear) else q.weight.dtype == torch.int8
                 with torch.no_grad():
-                    m.weight.copy_(q.weight.float() * q.scales.float()[:, None])
+                    m.weight.copy_(q.weight.float() * scales.float()[:, None])
+                copied += 1
+        assert copied == 7 * quantized.config.text.num_hidden_layers + 1  # every adapted layer and the embedding
         return
     import mlx.core as mx
     import mlx.nn as nn

@@ -342,9 +342,6 @@ class TorchBackend(Backend):
         return float(loss), n
 
     def trainer(self, lr: float, weight_decay: float = 0.0) -> lora.TorchTrainer:
-        if self.kernels and (self.dtype == "bfloat16" or self.quantize):
-            # the streaming decode kernels (bf16 and int8 weights) have no backward pass
-            raise SettingError("training with torch on this CPU (bfloat16 emulated) needs dtype float32 and no quantization")
         if self.quantize == 4:
             raise SettingError("training over a 4-bit base runs on the mlx backend; with torch use quantize=8")
         return lora.TorchTrainer(self, lr, weight_decay)

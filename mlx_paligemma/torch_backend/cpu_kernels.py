@@ -488,13 +488,45 @@ def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
     return build().gemm_int8(x, w, scale, bias)
 
 
+BACKWARD_CHUNK_BYTES = 64 * 1024 * 1024  # float32 weight rows widened at a time by _LinearProduct.backward
+
+
+class _LinearProduct(torch.autograd.Function):
+    """`linear` differentiable in x, for LoRA training over a frozen bf16 or int8 base: the kernels
+    have no derivative (their outputs would silently cut the gradient); the backward widens the
+    weight a chunk at a time, never a float32 copy of the whole matrix."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale, bias):
+        ctx.save_for_backward(w, scale)
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        return linear(x, w, scale, bias)  # no grad in here: the kernels' path
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        N, K = w.shape
+        g = grad.reshape(-1, N).float()
+        out = torch.zeros(g.shape[0], K, dtype=torch.float32, device=g.device)
+        rows = max(1, BACKWARD_CHUNK_BYTES // (4 * K))
+        for i in range(0, N, rows):
+            chunk = w[i : i + rows].float()
+            if scale is not None:
+                chunk *= scale[i : i + rows, None]
+            out.addmm_(g[:, i : i + rows], chunk)
+        return out.to(ctx.x_dtype).reshape(ctx.x_shape), None, None, None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T + bias (w bfloat16, or int8 with a float32 scale per output row), result in x's dtype.
 
     A few rows (decoding): the streaming kernels, the bias added in x's dtype. Many rows (prefill,
     vision): the blocked product that widens weight panels as it packs them and adds the bias to its
-    float32 sums (one rounding, as PyTorch's bf16 addmm; and one operation fewer).
+    float32 sums (one rounding, as PyTorch's bf16 addmm; and one operation fewer). When x needs a
+    gradient (LoRA training) the product goes through _LinearProduct, whose backward gives it.
     """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LinearProduct.apply(x, w, scale, bias)
     K = w.shape[1]
     flat = x.reshape(-1, K)
     if flat.shape[0] <= MAX_ROWS:
