@@ -305,8 +305,12 @@ def worker_train_transformers(variant: str, folder: Path, steps: int) -> dict:
 
 
 def _train_steps(step, steps: int, tokens: int, targets: int) -> dict:
+    t0 = time.perf_counter()
     first = step()  # warm-up: kernels, allocator, optimizer state
+    warm_up_s = time.perf_counter() - t0
     process_peak = peak_rss_bytes()  # load and warm-up step
+    # a line for whoever watches a long run (the parent reads only the RESULT line)
+    print(f"warm-up step {warm_up_s:.1f} s, loss {first:.4f}, peak RSS so far {process_peak / 1e9:.2f} GB", flush=True)
     reset_peak_rss()  # the peak reported is that of the timed steps (weights, optimizer state, activations)
     times = []
     for _ in range(steps):
@@ -315,7 +319,8 @@ def _train_steps(step, steps: int, tokens: int, targets: int) -> dict:
         times.append(time.perf_counter() - t0)
     s = statistics.median(times)
     return {"step_s": s, "tokens_per_s": tokens / s, "tokens": tokens, "targets": targets, "first_loss": first,
-            "last_loss": last, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_load_and_warm_up_bytes": process_peak}
+            "last_loss": last, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_load_and_warm_up_bytes": process_peak,
+            "warm_up_step_s": warm_up_s}
 
 
 def worker(args) -> int:
