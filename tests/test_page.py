@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="the page test needs the test-serve extra (selenium)")
+from selenium import webdriver  # noqa: E402  (test-serve extra, installed by scripts/setup.sh)
 
 from tests.test_server import IMAGES, Server  # noqa: E402
 
