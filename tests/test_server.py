@@ -372,7 +372,9 @@ def limited(model):
 
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=files.serve_forever, daemon=True).start()
-    s = Server("--allow-urls", "--max-url-bytes", "30000", "--timeout", "3")
+    # 1 s: a 1000-token answer of the demo model takes ~2.4 s on an idle 2-core CPU (3 s let it finish
+    # in time there), a 1-3 token one ~0.03 s
+    s = Server("--allow-urls", "--max-url-bytes", "30000", "--timeout", "1")
     s.files = f"http://127.0.0.1:{files.server_address[1]}"
     yield s
     s.stop()
