@@ -131,3 +131,108 @@ def test_patch_embedding_as_one_product_equals_the_convolution():
     y = cpu_kernels.KernelPatchEmbedding(conv)(pixels)
     assert y.shape == ref.shape == (2, 40, 4, 3) and y.dtype == torch.bfloat16
     assert (y.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def int4_weights(N: int, K: int, group: int, g: torch.Generator):
+    """Random nibbles (N, K) in 0..15, a scale and a bias per group, and the float64 weights they make."""
+    q = torch.randint(0, 16, (N, K), generator=g)
+    scale = torch.rand(N, K // group, generator=g) / 50 + 1e-3
+    qbias = torch.randn(N, K // group, generator=g) / 10
+    dense = (q.double().reshape(N, K // group, group) * scale.double()[..., None] + qbias.double()[..., None]).reshape(N, K)
+    return cpu_kernels.pack_int4(q), scale, qbias, dense, q
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0))
+    packed = cpu_kernels.pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 32)
+    assert int(packed[2, 3]) == int(q[2, 6]) + 16 * int(q[2, 7])  # input 2j low, 2j + 1 high
+    assert torch.equal(cpu_kernels.unpack_int4(packed).long(), q)
+
+
+# every row count (groups of four rows and each remainder), every group size the backend allows
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_streaming_kernel_matches_float64(rows, group):
+    g = torch.Generator().manual_seed(rows * group)
+    w, scale, qbias, dense, _ = int4_weights(37, 512, group, g)
+    x = torch.randn(rows, 512, generator=g)
+    ref = x.double() @ dense.T
+    y = cpu_kernels.gemv_int4(x, w, scale, qbias, group)
+    assert y.shape == (rows, 37) and y.dtype == torch.float32
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+
+
+# rows: tiles of six and remainders; weight rows: panels of 16, halves of 8 and single rows; columns: a last
+# 256-wide block that is short (320 = 256 + 64), and groups that straddle nothing (group divides 256)
+@pytest.mark.parametrize("M, N, K, group", [(9, 16, 64, 32), (13, 45, 320, 64), (262, 2 * 16 + 8 + 3, 768, 128),
+                                            (20, 24, 2304, 256)])
+def test_int4_many_row_products_match_float64(M, N, K, group):
+    g = torch.Generator().manual_seed(M * N + K)
+    w, scale, qbias, dense, _ = int4_weights(N, K, group, g)
+    x = torch.randn(M, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    ref = x.double() @ dense.T + bias.double()
+    y = cpu_kernels.gemm_int4(x, w, scale, qbias, group, bias)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
+    # bfloat16 rows in: the float32 sums of the same rows, rounded once
+    xb = x.bfloat16()
+    assert torch.equal(cpu_kernels.gemm_int4(xb, w, scale, qbias, group, bias).view(torch.int16),
+                       cpu_kernels.gemm_int4(xb.float(), w, scale, qbias, group, bias).bfloat16().view(torch.int16))
+    # the layer: a few rows stream, many go through the blocked product; both agree with float64
+    layer = cpu_kernels.KernelLinear.int4(cpu_kernels.unpack_int4(w), scale, qbias)
+    assert (layer.in_features, layer.out_features, layer.group) == (K, N, group)
+    for rows in (min(M, 3), M):
+        out = layer(x[None, :rows])
+        assert torch.allclose(out[0].double(), (x[:rows].double() @ dense.T), rtol=1e-5, atol=1e-5 * ref.abs().max())
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_int4_linear_gradient_is_that_of_the_float64_product(rows, monkeypatch):
+    """QLoRA over a 4-bit base: the gradient reaching x is grad @ w, w dequantized a chunk at a time."""
+    g = torch.Generator().manual_seed(2)
+    monkeypatch.setattr(cpu_kernels, "BACKWARD_CHUNK_BYTES", 256 * 4 * 700)
+    w, scale, qbias, dense, _ = int4_weights(2000, 256, 64, g)
+    x = torch.randn(1, rows, 256, generator=g).requires_grad_()
+    up = torch.randn(1, rows, 2000, generator=g)
+    (cpu_kernels.linear(x, w, scale, None, qbias, 64) * up).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ((x64 @ dense.T) * up.double()).sum().backward()
+    assert (x.grad.double() - x64.grad).abs().max() <= 1e-5 * x64.grad.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_and_gelu_product_match_float64(dtype):
+    """The one-pass RMSNorm and GELU-gated product: within one rounding of the float64 result (bf16: the
+    intermediate gelu rounded as PyTorch's two steps round it), and at least as close as PyTorch's ops."""
+    import torch.nn.functional as F
+
+    from mlx_paligemma.torch_backend.gemma import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(37, 2304 + 5, generator=g) * 4).to(dtype)  # a row length that is not a multiple of 8
+    norm = RMSNorm(x.shape[1])
+    norm.weight.data = (torch.randn(x.shape[1], generator=g) / 5).to(dtype)
+    norm.weight.requires_grad_(False)
+    scale = 1.0 + norm.weight.float()
+    x64 = x.double()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * scale.double()
+    out = cpu_kernels.rms_norm(x, scale, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20  # a few roundings of float32
+    assert ((out.double() - ref).abs() <= ulp * ref.abs() + 1e-30).all()
+    assert (out.double() - ref).abs().max() <= (norm(x).double() - ref).abs().max() * 1.25  # float32: a few ulps either way
+
+    gate = (torch.randn(29, 1000 + 3, generator=g) * 3).to(dtype)
+    gate[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-3])  # both tails of the exp and zero
+    up = torch.randn(gate.shape, generator=g).to(dtype)
+    gelu64 = F.gelu(gate.double(), approximate="tanh")
+    if dtype == torch.bfloat16:
+        gelu64 = gelu64.bfloat16().double()
+    ref = gelu64 * up.double()
+    out = cpu_kernels.gelu_mul(gate, up)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    err, torch_err = (out.double() - ref).abs(), ((F.gelu(gate, approximate="tanh") * up).double() - ref).abs()
+    assert (err <= 2 * ulp * ref.abs() + 1e-30).float().mean() >= 0.97  # bf16: a few gelu roundings differ by one step
+    assert err.max() <= max(torch_err.max(), 4 * ulp * ref.abs().max())

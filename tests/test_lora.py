@@ -9,6 +9,7 @@ import pytest
 
 import mlx_paligemma as pg
 from mlx_paligemma.adapter import LoraConfig, read_adapter
+from mlx_paligemma.errors import SettingError
 
 from .conftest import make_image
 
@@ -311,7 +312,16 @@ def dequantized_into(quantized, plain) -> None:
         for path, m in plain.backend.model.named_modules():
             q = qmods.get(path)
             q = getattr(q, "base_layer", q)
-            # on an x86 CPU without bf16 the int8 layers are our kernels' (int8 rows, a scale each)
+            # on an x86 CPU without bf16 the int8 and int4 layers are our kernels' (int8 rows with a scale
+            # each; int4 nibbles with a scale and a bias per group)
+            if isinstance(q, KernelLinear) and q.qbias is not None:
+                nibbles = torch.stack((q.weight & 15, q.weight >> 4), dim=-1).reshape(q.weight.shape[0], -1).double()
+                N, G = q.scale.shape
+                w = nibbles.reshape(N, G, -1) * q.scale.double()[..., None] + q.qbias.double()[..., None]
+                with torch.no_grad():
+                    m.weight.copy_(w.reshape(N, -1).float())
+                copied += 1
+                continue
             scales = getattr(q, "scales", None) if isinstance(q, (QuantizedLinear, QuantizedEmbedding, KernelEmbedding)) \
                 else getattr(q, "scale", None) if isinstance(q, KernelLinear) else None
             if scales is not None:
@@ -333,10 +343,22 @@ def dequantized_into(quantized, plain) -> None:
             m.weight = w.T if getattr(m, "transposed", False) else w
 
 
-@pytest.mark.parametrize("backend,bits", [("torch", 8), ("mlx", 8), ("mlx", 4)])
+@pytest.mark.parametrize("backend,bits", [("torch", 8), ("torch", 4), ("mlx", 8), ("mlx", 4)])
 def test_qlora_gradients_are_those_of_the_dequantized_base(checkpoints, backend, bits):
-    """LoRA over a quantized base: the same gradients as LoRA over a float32 copy of the dequantized weights."""
+    """LoRA over a quantized base: the same gradients as LoRA over a float32 copy of the dequantized weights.
+    torch's 4-bit base trains where our CPU kernels run (x86, AVX2, no native bf16); elsewhere it refuses."""
     from mlx_paligemma.training import make_batch
+
+    if backend == "torch" and bits == 4:
+        from mlx_paligemma.torch_backend.backend import cpu_has_fast_bf16, cpu_kernels_available
+
+        if cpu_has_fast_bf16() or not cpu_kernels_available():
+            model = pg.load(checkpoints["pg2"].folder, backend="torch", dtype="float32", quantize=4, group_size=32)
+            model.backend.add_lora(LoraConfig(r=4, alpha=8.0), nonzero_init(model, LoraConfig(r=4, alpha=8.0)))
+            with pytest.raises(SettingError, match="4-bit base"):
+                model.backend.trainer(lr=1e-3).accumulate(
+                    make_batch(model, [make_image(1)], ["caption en"], ["a grey cat"]))
+            return
 
     folder = checkpoints["pg2"].folder
     config = LoraConfig(r=4, alpha=8.0)

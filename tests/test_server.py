@@ -406,3 +406,49 @@ def test_serve_refuses_bad_settings_in_one_line():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == "error: --port must be in [0, 65535], got 99999"
     assert "Traceback" not in out.stderr
+
+
+@pytest.fixture()
+def in_process(model, monkeypatch):
+    """The app in this process (Starlette's TestClient), on the module's model: a test can break one
+    of the model's methods and see what the server answers."""
+    from starlette.testclient import TestClient
+
+    from mlx_paligemma.server.app import create_app
+    from mlx_paligemma.server.config import ServerConfig
+
+    with TestClient(create_app(model, ServerConfig(model_name="demo")), raise_server_exceptions=False) as tc:
+        yield tc, monkeypatch
+
+
+def test_segment_without_a_mask_decoder_is_501_and_the_server_goes_on(in_process, model):
+    from mlx_paligemma.errors import SettingError
+
+    tc, monkeypatch = in_process
+    monkeypatch.setattr(model, "mask_decoder", lambda: (_ for _ in ()).throw(SettingError("no mask decoder here")))
+    r = tc.post("/v1/segment", json={"image": data_url(CAT), "objects": "cat", "max_tokens": 4})
+    assert r.status_code == 501, r.text
+    assert r.json()["error"]["code"] == "missing_mask_decoder" and "no mask decoder here" in r.json()["error"]["message"]
+    r = tc.post("/v1/detect", json={"image": data_url(CAT), "objects": "cat", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["text"] == model.generate(CAT, "detect cat", max_tokens=4, constrain=True).text
+
+
+def test_a_failing_generation_is_500_for_its_batch_and_the_next_request_succeeds(in_process, model):
+    tc, monkeypatch = in_process
+    real = model.stream_batch
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of cheese")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "stream_batch", fails_once)
+    r = tc.post("/v1/chat/completions", content=chat_body(max_tokens=3))
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["code"] == "server_error" and "RuntimeError" in error["message"] and "cheese" not in error["message"]
+    r = tc.post("/v1/chat/completions", content=chat_body(max_tokens=3))
+    assert r.status_code == 200 and len(calls) == 2
+    assert r.json()["choices"][0]["message"]["content"] == model.generate(CAT, "caption en", max_tokens=3).text

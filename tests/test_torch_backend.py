@@ -340,14 +340,15 @@ def test_quantize_text_decoder_only(bits, tolerance, models):
     assert model.backend.quantize == bits
     k_proj, embed = net.text.layers[0].self_attn.k_proj, net.text.embed_tokens
     if model.backend.kernels:
-        # CPUs that emulate bf16: the int8 weights (and the int8 embedding) go through the AVX2 kernels'
-        # layers, int4 ones keep tinygemm; the exact parts stay floating point
+        # CPUs that emulate bf16: the int8 and int4 weights (and the int8 embedding) go through the AVX2
+        # kernels' layers; the exact parts stay floating point
         from mlx_paligemma.torch_backend.cpu_kernels import KernelEmbedding, KernelLinear
 
+        assert isinstance(k_proj, KernelLinear) and k_proj.scale is not None
         if bits == 8:
-            assert isinstance(k_proj, KernelLinear) and k_proj.weight.dtype == torch.int8 and k_proj.scale is not None
+            assert k_proj.weight.dtype == torch.int8 and k_proj.qbias is None
         else:
-            assert isinstance(k_proj, QuantizedLinear) and k_proj.bits == bits
+            assert k_proj.weight.dtype == torch.uint8 and k_proj.qbias is not None and k_proj.group == 64
         assert isinstance(embed, KernelEmbedding) and embed.weight.dtype == torch.int8 and embed.scales is not None
         for exact_layer in (net.projector, net.vision.encoder.layers[0].mlp.fc1):  # floating point, no scale
             assert type(exact_layer) in (torch.nn.Linear, KernelLinear) and exact_layer.weight.is_floating_point()

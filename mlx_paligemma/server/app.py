@@ -26,7 +26,6 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..detection import parse_detections
 from ..errors import PaliGemmaError
 from ..segmentation import parse_segments, segments_json
 from .batcher import Batcher, Job, QueueFull
@@ -144,7 +143,7 @@ def create_app(model, config: ServerConfig) -> Starlette:
                   "image_size": list(out.image_size), "text": out.text,
                   "finish_reason": FINISH_REASONS.get(out.finished_by, "stop"), "usage": usage(out)}
         if name == "detect":
-            answer["detections"] = [box_json(d) for d in parse_detections(out.text, out.image_size)]
+            answer["detections"] = [box_json(d) for d in out.detections]  # filled by the model for detect prompts
         else:
             answer.update(extra)  # segments (masks as COCO RLE), invalid, detections (boxes without masks)
         return JSONResponse(answer)

@@ -16,9 +16,9 @@ from ..errors import CheckpointError, SettingError
 from ..hardware import cpu_info
 from . import cpu_kernels, lora, siglip
 from .cache import make_cache
-from .gemma import Attention
+from .gemma import MLP, Attention, RMSNorm
 from .paligemma import PaliGemma
-from .quantize import QuantizedEmbedding, QuantizedLinear, int8_per_channel, mlx_dequantize, mlx_unpack
+from .quantize import QuantizedEmbedding, QuantizedLinear, check_int4, int4_groups, int8_per_channel, mlx_dequantize, mlx_unpack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,10 +102,11 @@ def sanitize(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def use_cpu_kernels(model: PaliGemma) -> None:
     """Put the CPU kernels' layers in place of bfloat16 nn.Linear, the patch embedding's convolution,
     int8 QuantizedLinear and the tied embedding (explicit module replacement, as gpt-fast's quantize
-    does), and turn on float32 attention (SigLIP, text prefill) and the attention products that read
-    the cache while decoding. int4 layers keep torch's kernel."""
+    does), and turn on float32 attention (SigLIP, text prefill), the attention products that read
+    the cache while decoding, and the one-pass RMSNorm and GELU-gated product on bf16 rows. (int4
+    layers are built as the kernels' layers when loading.)"""
     for path, module in list(model.named_modules()):
-        if isinstance(module, (Attention, siglip.Attention)):
+        if isinstance(module, (Attention, siglip.Attention, MLP, RMSNorm)):
             module.kernels = True
             continue
         if isinstance(module, nn.Conv2d) and module.weight.dtype == torch.bfloat16 and module.stride == module.kernel_size \
@@ -173,13 +174,13 @@ class TorchBackend(Backend):
         with torch.device("meta"):
             self.model = PaliGemma(self.config)
         self._quantized = {p for p, m in self.model.named_modules() if quantize and quantizable(p, m)}
+        # this CPU emulates bfloat16: bf16, int8 and int4 weights stream through our kernels instead
+        self.kernels = self._device.type == "cpu" and not cpu_has_fast_bf16() and cpu_kernels_available()
         # no_grad, not inference_mode: inference tensors could not be saved for a LoRA backward pass
         with torch.no_grad():
             self._load(checkpoint, bool(stored_q))
         self.model.eval()
-        self.kernels = self._device.type == "cpu" and not cpu_has_fast_bf16() and cpu_kernels_available()
         if self.kernels:
-            # this CPU emulates bfloat16: stream bf16/int8 weights through our kernels instead
             use_cpu_kernels(self.model)
 
     def _load(self, checkpoint: Checkpoint, stored_q: bool) -> None:
@@ -232,6 +233,11 @@ class TorchBackend(Backend):
     def _quantize_layer(self, path: str, w: torch.Tensor) -> nn.Module:
         if path == "text.embed_tokens":
             return QuantizedEmbedding(*int8_per_channel(w), self._dtype)
+        if self.kernels and self._bits == 4:
+            # the same groups and rounding as torch's int4 layers, in our kernels' layout: w = q * s + (zero - 8 s)
+            check_int4(path, *w.shape, self._group_size, w.device)  # the same shape rules on every CPU
+            q, scales, zeros = int4_groups(w, self._group_size)
+            return cpu_kernels.KernelLinear.int4(q, scales, zeros - 8 * scales)
         return QuantizedLinear.from_weight(w, self._bits, self._group_size, self._dtype, path)
 
     def _mlx_quantized(self, path: str, info: TensorInfo, read, tensors: dict) -> nn.Module:
@@ -255,6 +261,8 @@ class TorchBackend(Backend):
         scales, biases = (parts[a].to(self._device).float() for a in ("scales", "biases"))
         if path != "text.embed_tokens" and bits == 4 and g in (32, 64, 128, 256):
             # same groups: w = s * q + b is tinygemm's (q - 8) * s + (b + 8 s), so no rounding at all
+            if self.kernels:
+                return cpu_kernels.KernelLinear.int4(mlx_unpack(packed, 4), scales, biases)
             return QuantizedLinear.from_int4(mlx_unpack(packed, 4), scales, biases + 8 * scales, g, self._dtype)
         w = mlx_dequantize(packed, scales, biases, bits)
         return self._quantize_layer(path, w)
@@ -342,8 +350,11 @@ class TorchBackend(Backend):
         return float(loss), n
 
     def trainer(self, lr: float, weight_decay: float = 0.0) -> lora.TorchTrainer:
-        if self.quantize == 4:
-            raise SettingError("training over a 4-bit base runs on the mlx backend; with torch use quantize=8")
+        if self.quantize == 4 and not self.kernels:
+            # torch's int4 kernels have no derivative and their tiled layout cannot be dequantized back;
+            # our CPU kernels' int4 layers can (the backward widens a chunk of rows at a time)
+            raise SettingError("training over a 4-bit base runs on the mlx backend, or on torch where our CPU "
+                               "kernels run (x86 with AVX2, no native bf16); here use quantize=8")
         return lora.TorchTrainer(self, lr, weight_decay)
 
     def peak_memory(self) -> int:

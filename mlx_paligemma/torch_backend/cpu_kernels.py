@@ -36,7 +36,9 @@ _SOURCE = r"""
 #include <omp.h>
 #include <algorithm>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -154,6 +156,75 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
     return gemv<int8_t, widen_i8>(x, w.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(0), w.size(1));
 }
 
+// int4 weights, two a byte (low nibble first), w = q * scale + bias per group of `group` inputs of a
+// row: the rows of x go MB at a time through each weight row, its nibbles widened once per MB rows.
+// Within a group the products sum in vectors, then take the group's scale; the bias term is
+// bias . (the sums of x over each group), those sums computed once a call.
+template <int MB>
+static inline void rows_i4(const uint8_t* wrow, const float* sc, const float* bi, const float* x, const float* xsum,
+                           float* y, int64_t K, int64_t G, int64_t group, int64_t N, int64_t n) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m256 total[MB];
+    for (int m = 0; m < MB; ++m) total[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 acc[MB];
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+            const __m128i b = _mm_loadu_si128((const __m128i*)(wrow + k / 2));
+            const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+            const __m128i v0 = _mm_unpacklo_epi8(lo, hi), v1 = _mm_unpackhi_epi8(lo, hi);  // inputs k .. k+15, k+16 .. k+31
+            __m256 w[4];
+            w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v0));
+            w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v0, 8)));
+            w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v1));
+            w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v1, 8)));
+            for (int m = 0; m < MB; ++m)
+                for (int a = 0; a < 4; ++a) acc[m] = _mm256_fmadd_ps(w[a], _mm256_loadu_ps(x + m * K + k + 8 * a), acc[m]);
+        }
+        const __m256 s = _mm256_set1_ps(sc[g]);
+        for (int m = 0; m < MB; ++m) total[m] = _mm256_fmadd_ps(acc[m], s, total[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+        float out = hsum(total[m]);
+        for (int64_t g = 0; g < G; ++g) out += bi[g] * xsum[m * G + g];
+        y[m * N + n] = out;
+    }
+}
+
+// x: (M <= 8, K) float32, w: (N, K / 2) uint8, scale and bias: (N, K / group) float32 -> (M, N) float32
+torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor bias, int64_t group) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) <= 8 && x.scalar_type() == torch::kFloat && x.is_contiguous());
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, "int4: the group size must be a multiple of 32 dividing K");
+    const int64_t G = K / group;
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous() && w.size(1) * 2 == K);
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == N * G);
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == N * G);
+    auto y = torch::empty({M, N}, x.options());
+    const float* xp = x.data_ptr<float>();
+    std::vector<float> xsum(M * G, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) xsum[m * G + k / group] += xp[m * K + k];
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const float *sp = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+    const float* xs = xsum.data();
+    float* yp = y.data_ptr<float>();
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wrow = wp + n * (K / 2);
+        const float *sc = sp + n * G, *bi = bp + n * G;
+        int64_t m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) rows_i4<4>(wrow, sc, bi, xp + m0 * K, xs + m0 * G, yp + m0 * N, K, G, group, N, n);
+        switch (M - m0) {
+            case 3: rows_i4<3>(wrow, sc, bi, xp + m0 * K, xs + m0 * G, yp + m0 * N, K, G, group, N, n); break;
+            case 2: rows_i4<2>(wrow, sc, bi, xp + m0 * K, xs + m0 * G, yp + m0 * N, K, G, group, N, n); break;
+            case 1: rows_i4<1>(wrow, sc, bi, xp + m0 * K, xs + m0 * G, yp + m0 * N, K, G, group, N, n); break;
+            default: break;
+        }
+    }
+    return y;
+}
+
 // Decode attention over a float32 KV cache, the two products that read it. The keys and values
 // are (B, G, S, D) views of the cache (rows of D contiguous, any strides above); each (b, g) pair
 // is one task, and its R query rows (the heads that share kv head g) go through each cache row
@@ -244,46 +315,79 @@ static inline void transpose8x16(__m128i r[8]) {
     r[6] = _mm_unpacklo_epi64(u3, u7); r[7] = _mm_unpackhi_epi64(u3, u7);
 }
 
+static inline float as_float(float v) { return v; }
+static inline float as_float(uint16_t v) { uint32_t b = uint32_t(v) << 16; float f; std::memcpy(&f, &b, 4); return f; }
+
+// The stored weights of one product: bf16 bits, int8 times scale[n], or int4 nibbles (two a byte, low
+// nibble first) times scale[n][k / group] plus bias[n][k / group].
+struct WRef {
+    const void* w;
+    const float* scale;
+    const float* bias;
+    int64_t group, K;
+};
+
+// Each layout: load8 (eight inputs from k of row n as 16-bit lanes), params (the scale and bias of rows
+// n .. n+7 at input k), widen (lanes -> float32 weights), one (a single weight).
 struct BF16 {
-    using T = uint16_t;
-    static inline __m128i load8(const T* p) { return _mm_loadu_si128((const __m128i*)p); }
-    static inline __m256 widen(__m128i v, __m256) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)); }
-    static inline float one(const T* p, float) { uint32_t b = uint32_t(*p) << 16; float f; std::memcpy(&f, &b, 4); return f; }
+    static inline __m128i load8(const WRef& r, int64_t n, int64_t k) { return _mm_loadu_si128((const __m128i*)((const uint16_t*)r.w + n * r.K + k)); }
+    static inline void params(const WRef&, int64_t, int64_t, __m256& s, __m256& b) { s = _mm256_set1_ps(1.f); b = _mm256_setzero_ps(); }
+    static inline __m256 widen(__m128i v, __m256, __m256) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)); }
+    static inline float one(const WRef& r, int64_t n, int64_t k) { return as_float(((const uint16_t*)r.w)[n * r.K + k]); }
 };
 
 struct I8 {
-    using T = int8_t;
-    static inline __m128i load8(const T* p) { return _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)p)); }
-    static inline __m256 widen(__m128i v, __m256 s) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)), s); }
-    static inline float one(const T* p, float s) { return float(*p) * s; }
+    static inline __m128i load8(const WRef& r, int64_t n, int64_t k) { return _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)((const int8_t*)r.w + n * r.K + k))); }
+    static inline void params(const WRef& r, int64_t n, int64_t, __m256& s, __m256& b) { s = _mm256_loadu_ps(r.scale + n); b = _mm256_setzero_ps(); }
+    static inline __m256 widen(__m128i v, __m256 s, __m256) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)), s); }
+    static inline float one(const WRef& r, int64_t n, int64_t k) { return float(((const int8_t*)r.w)[n * r.K + k]) * r.scale[n]; }
+};
+
+struct I4 {
+    // k even: four bytes hold inputs k .. k+7
+    static inline __m128i load8(const WRef& r, int64_t n, int64_t k) {
+        uint32_t word;
+        std::memcpy(&word, (const uint8_t*)r.w + n * (r.K / 2) + k / 2, 4);
+        const __m128i b = _mm_cvtsi32_si128((int)word), low = _mm_set1_epi8(0x0F);
+        return _mm_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low)));
+    }
+    // eight inputs from k share one group: the group size is a multiple of 8 and k of 8
+    static inline void params(const WRef& r, int64_t n, int64_t k, __m256& s, __m256& b) {
+        const int64_t G = r.K / r.group, g = k / r.group;
+        const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)G));
+        s = _mm256_i32gather_ps(r.scale + n * G + g, at, 4);
+        b = _mm256_i32gather_ps(r.bias + n * G + g, at, 4);
+    }
+    static inline __m256 widen(__m128i v, __m256 s, __m256 b) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)), s, b); }
+    static inline float one(const WRef& r, int64_t n, int64_t k) {
+        const uint8_t byte = ((const uint8_t*)r.w)[n * (r.K / 2) + k / 2];
+        const int64_t g = n * (r.K / r.group) + k / r.group;
+        return float((k & 1) ? byte >> 4 : byte & 0x0F) * r.scale[g] + r.bias[g];
+    }
 };
 
 // weight rows n0 .. n0 + NR (rows past N are zeros), columns k0 .. k0 + kc -> panel[k][j] float32
 template <typename L>
-static void pack_weights(const typename L::T* w, const float* scale, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t kc, float* panel) {
+static void pack_weights(const WRef& r, int64_t N, int64_t n0, int64_t k0, int64_t kc, float* panel) {
     const int64_t rows = std::min<int64_t>(NR, N - n0);
     if (rows < NR) std::memset(panel, 0, sizeof(float) * NR * kc);
     int64_t j0 = 0;
     for (; j0 + 8 <= rows; j0 += 8) {
-        const __m256 s = scale ? _mm256_loadu_ps(scale + n0 + j0) : _mm256_set1_ps(1.f);
         int64_t k = 0;
         for (; k + 8 <= kc; k += 8) {
-            __m128i r[8];
-            for (int i = 0; i < 8; ++i) r[i] = L::load8(w + (n0 + j0 + i) * K + k0 + k);
-            transpose8x16(r);
-            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * NR + j0, L::widen(r[i], s));
+            __m256 s, b;
+            L::params(r, n0 + j0, k0 + k, s, b);
+            __m128i v[8];
+            for (int i = 0; i < 8; ++i) v[i] = L::load8(r, n0 + j0 + i, k0 + k);
+            transpose8x16(v);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * NR + j0, L::widen(v[i], s, b));
         }
         for (; k < kc; ++k)
-            for (int i = 0; i < 8; ++i)
-                panel[k * NR + j0 + i] = L::one(w + (n0 + j0 + i) * K + k0 + k, scale ? scale[n0 + j0 + i] : 1.f);
+            for (int i = 0; i < 8; ++i) panel[k * NR + j0 + i] = L::one(r, n0 + j0 + i, k0 + k);
     }
     for (; j0 < rows; ++j0)
-        for (int64_t k = 0; k < kc; ++k)
-            panel[k * NR + j0] = L::one(w + (n0 + j0) * K + k0 + k, scale ? scale[n0 + j0] : 1.f);
+        for (int64_t k = 0; k < kc; ++k) panel[k * NR + j0] = L::one(r, n0 + j0, k0 + k);
 }
-
-static inline float as_float(float v) { return v; }
-static inline float as_float(uint16_t v) { uint32_t b = uint32_t(v) << 16; float f; std::memcpy(&f, &b, 4); return f; }
 
 // x rows m0 .. m0 + MR (rows past M are zeros), columns k0 .. k0 + kc -> packed[k][i] float32
 template <typename X>
@@ -352,8 +456,7 @@ static inline void micro(const float* xp, const float* wp, int64_t kc, float* c,
 // x (M, K) float32 or bf16 bits -> y (M, N) float32, or bf16 (rounded once, from the float32 sums);
 // bias (N,) float32 or null, added to the float32 sums
 template <typename L, typename X>
-static void gemm(const X* xp, const typename L::T* w, const float* scale, const float* bias, int64_t M, int64_t N, int64_t K,
-                 float* yp, uint16_t* out16) {
+static void gemm(const X* xp, const WRef& wr, const float* bias, int64_t M, int64_t N, int64_t K, float* yp, uint16_t* out16) {
     const int64_t MP = (M + MR - 1) / MR, KB = (K + KC - 1) / KC, NP = (N + NR - 1) / NR;
     const int64_t tasks = (NP + PANELS_PER_TASK - 1) / PANELS_PER_TASK;
     // x packed once, block (kb, mp) at (kb * MP + mp) * KC * MR
@@ -373,7 +476,7 @@ static void gemm(const X* xp, const typename L::T* w, const float* scale, const 
                 for (int64_t p = t * PANELS_PER_TASK; p < p_end; ++p) {
                     const int64_t n0 = p * NR;
                     const int cols = (int)std::min<int64_t>(NR, N - n0);
-                    pack_weights<L>(w, scale, N, K, n0, k0, kc, panel);
+                    pack_weights<L>(wr, N, n0, k0, kc, panel);
                     for (int64_t mp = 0; mp < MP; ++mp) {
                         const int rows = (int)std::min<int64_t>(MR, M - mp * MR);
                         micro(xpack + (kb * MP + mp) * KC * MR, panel, kc, yp + mp * MR * N + n0, N, rows, cols, kb == 0);
@@ -391,9 +494,10 @@ static void gemm(const X* xp, const typename L::T* w, const float* scale, const 
 
 // x (M, K) float32 or bfloat16 -> (M, N) in x's dtype
 template <typename L>
-static torch::Tensor gemm_any(torch::Tensor x, const typename L::T* w, const float* scale, c10::optional<torch::Tensor> bias, int64_t N) {
+static torch::Tensor gemm_any(torch::Tensor x, const WRef& wr, c10::optional<torch::Tensor> bias, int64_t N) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16));
     const int64_t M = x.size(0), K = x.size(1);
+    TORCH_CHECK(wr.K == K);
     const float* b = nullptr;
     if (bias.has_value()) {
         TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N);
@@ -401,23 +505,145 @@ static torch::Tensor gemm_any(torch::Tensor x, const typename L::T* w, const flo
     }
     auto acc = torch::empty({M, N}, x.options().dtype(torch::kFloat));
     if (x.scalar_type() == torch::kFloat) {
-        gemm<L, float>(x.data_ptr<float>(), w, scale, b, M, N, K, acc.data_ptr<float>(), nullptr);
+        gemm<L, float>(x.data_ptr<float>(), wr, b, M, N, K, acc.data_ptr<float>(), nullptr);
         return acc;
     }
     auto y = torch::empty({M, N}, x.options());
-    gemm<L, uint16_t>((const uint16_t*)x.data_ptr(), w, scale, b, M, N, K, acc.data_ptr<float>(), (uint16_t*)y.data_ptr());
+    gemm<L, uint16_t>((const uint16_t*)x.data_ptr(), wr, b, M, N, K, acc.data_ptr<float>(), (uint16_t*)y.data_ptr());
     return y;
 }
 
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1));
-    return gemm_any<BF16>(x, (const uint16_t*)w.data_ptr(), nullptr, bias, w.size(0));
+    return gemm_any<BF16>(x, WRef{w.data_ptr(), nullptr, nullptr, 0, w.size(1)}, bias, w.size(0));
 }
 
 torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous() && w.size(1) == x.size(1));
     TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == w.size(0) && scale.is_contiguous());
-    return gemm_any<I8>(x, w.data_ptr<int8_t>(), scale.data_ptr<float>(), bias, w.size(0));
+    return gemm_any<I8>(x, WRef{w.data_ptr(), scale.data_ptr<float>(), nullptr, 0, w.size(1)}, bias, w.size(0));
+}
+
+// x (M, K) float32 or bf16 @ int4 weights (N, K / 2) -> (M, N) in x's dtype
+torch::Tensor gemm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor qbias, int64_t group,
+                        c10::optional<torch::Tensor> bias) {
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous());
+    const int64_t N = w.size(0), K = w.size(1) * 2;
+    TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "int4: the group size must be a multiple of 8 dividing K");
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == N * (K / group));
+    TORCH_CHECK(qbias.scalar_type() == torch::kFloat && qbias.is_contiguous() && qbias.numel() == N * (K / group));
+    return gemm_any<I4>(x, WRef{w.data_ptr(), scale.data_ptr<float>(), qbias.data_ptr<float>(), group, K}, bias, N);
+}
+
+// ---- elementwise steps of the decoder on bf16 (or float32) rows, float32 math, one rounding at the end
+// of each step as PyTorch rounds them: Gemma's RMSNorm and the GELU-gated product of the MLP. PyTorch's
+// bf16 versions are several emulated passes each (a cast, a square, a mean, a product...), here one.
+
+static inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8f(const uint16_t* p) { return widen_bf16(p); }
+static inline void store8f(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+static inline void store8f(uint16_t* p, __m256 v) { alignas(32) float t[8]; _mm256_store_ps(t, v); store_bf16(p, t, 8); }
+static inline void store8f_one(float* p, float v) { *p = v; }
+static inline void store8f_one(uint16_t* p, float v) { store_bf16(p, &v, 1); }
+static inline float round_as(float v, const float*) { return v; }
+static inline float round_as(float v, const uint16_t*) { uint16_t b; store_bf16(&b, &v, 1); return as_float(b); }
+
+// out = (x * rsqrt(mean(x^2) + eps)) * scale, scale = 1 + w in float32; x, out (R, D)
+template <typename X>
+static void rms_rows(const X* x, const float* scale, float eps, int64_t R, int64_t D, X* out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+        const X* xr = x + r * D;
+        X* orow = out + r * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) {
+            const __m256 v0 = load8f(xr + d), v1 = load8f(xr + d + 8);
+            a0 = _mm256_fmadd_ps(v0, v0, a0);
+            a1 = _mm256_fmadd_ps(v1, v1, a1);
+        }
+        float sum = hsum(_mm256_add_ps(a0, a1));
+        for (; d < D; ++d) { const float v = as_float(xr[d]); sum += v * v; }
+        const float inv = 1.0f / std::sqrt(sum / float(D) + eps);
+        const __m256 iv = _mm256_set1_ps(inv);
+        d = 0;
+        for (; d + 8 <= D; d += 8) store8f(orow + d, _mm256_mul_ps(_mm256_mul_ps(load8f(xr + d), iv), _mm256_loadu_ps(scale + d)));
+        for (; d < D; ++d) { const float v = (as_float(xr[d]) * inv) * scale[d]; store8f_one(orow + d, v); }
+    }
+}
+
+// exp for float32 lanes (Cephes' expf: 2^n times a degree-7 polynomial, within 2 ulp), arguments clamped to +-88
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// gelu with the tanh approximation, 0.5 x (1 + tanh(y)) = x / (1 + exp(-2 y)), y = sqrt(2 / pi) (x + 0.044715 x^3)
+static inline __m256 gelu8(__m256 x) {
+    const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f), _mm256_fmadd_ps(x3, _mm256_set1_ps(0.044715f), x));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_mul_ps(y, _mm256_set1_ps(-2.0f)))));
+}
+
+static inline float gelu1(float x) {
+    alignas(32) float t[8] = {x, 0, 0, 0, 0, 0, 0, 0};
+    _mm256_store_ps(t, gelu8(_mm256_load_ps(t)));
+    return t[0];
+}
+
+// out = gelu(gate) * up, gelu's result rounded to X first as PyTorch's two steps round it
+template <typename X>
+static void gelu_mul_rows(const X* gate, const X* up, int64_t n, X* out) {
+    const int64_t chunks = (n + 4095) / 4096;
+    #pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i0 = c * 4096, i1 = std::min<int64_t>(n, i0 + 4096);
+        int64_t i = i0;
+        for (; i + 8 <= i1; i += 8) {
+            __m256 g = gelu8(load8f(gate + i));
+            if (sizeof(X) == 2) {  // the bf16 rounding of gelu's result
+                alignas(32) uint16_t t[8];
+                store8f(t, g);
+                g = widen_bf16(t);
+            }
+            store8f(out + i, _mm256_mul_ps(g, load8f(up + i)));
+        }
+        for (; i < i1; ++i) store8f_one(out + i, round_as(gelu1(as_float(gate[i])), gate) * as_float(up[i]));
+    }
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor scale, double eps) {
+    TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat));
+    const int64_t D = x.size(-1), R = x.numel() / D;
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == D);
+    auto out = torch::empty_like(x);
+    if (x.scalar_type() == torch::kFloat)
+        rms_rows<float>(x.data_ptr<float>(), scale.data_ptr<float>(), (float)eps, R, D, out.data_ptr<float>());
+    else
+        rms_rows<uint16_t>((const uint16_t*)x.data_ptr(), scale.data_ptr<float>(), (float)eps, R, D, (uint16_t*)out.data_ptr());
+    return out;
+}
+
+torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
+    TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type());
+    TORCH_CHECK(gate.scalar_type() == torch::kBFloat16 || gate.scalar_type() == torch::kFloat);
+    auto out = torch::empty_like(gate);
+    if (gate.scalar_type() == torch::kFloat)
+        gelu_mul_rows<float>(gate.data_ptr<float>(), up.data_ptr<float>(), gate.numel(), out.data_ptr<float>());
+    else
+        gelu_mul_rows<uint16_t>((const uint16_t*)gate.data_ptr(), (const uint16_t*)up.data_ptr(), gate.numel(), (uint16_t*)out.data_ptr());
+    return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -427,6 +653,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("attention_values", &attention_values);
     m.def("gemm_bf16", &gemm_bf16);
     m.def("gemm_int8", &gemm_int8);
+    m.def("gemv_int4", &gemv_int4);
+    m.def("gemm_int4", &gemm_int4);
+    m.def("rms_norm", &rms_norm);
+    m.def("gelu_mul", &gelu_mul);
 }
 """
 
@@ -447,7 +677,7 @@ def build():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v12", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v13", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -465,6 +695,11 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def gemv_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(M <= MAX_ROWS, K) float32 @ (N, K) int8 weights * scale[n] -> (M, N) float32."""
     return build().gemv_int8(x, w, scale)
+
+
+def gemv_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, qbias: torch.Tensor, group: int) -> torch.Tensor:
+    """(M <= MAX_ROWS, K) float32 @ int4 weights (N, K / 2) nibbles, w = q * scale + qbias per group -> (M, N) float32."""
+    return build().gemv_int4(x, w, scale, qbias, group)
 
 
 def attention_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -488,6 +723,45 @@ def gemm_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch
     return build().gemm_int8(x, w, scale, bias)
 
 
+def gemm_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, qbias: torch.Tensor, group: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) float32 or bfloat16 @ int4 weights (N, K / 2) nibbles (+ float32 bias) -> (M, N) in x's dtype, any M."""
+    return build().gemm_int4(x, w, scale, qbias, group, bias)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm of contiguous bfloat16 or float32 rows: (x * rsqrt(mean(x^2) + eps)) * scale, with
+    scale = 1 + w in float32, in x's dtype (float32 math, one rounding)."""
+    return build().rms_norm(x, scale, eps)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, tanh approximation) * up for contiguous bfloat16 or float32 tensors of one shape,
+    rounded as PyTorch's two steps round."""
+    return build().gelu_mul(gate, up)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in 0..15 -> (N, K / 2) uint8, two a byte, input 2j in the low nibble of byte j."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(w: torch.Tensor) -> torch.Tensor:
+    """pack_int4's inverse: (N, K / 2) uint8 -> (N, K) uint8 in 0..15."""
+    return torch.stack((w & 0x0F, w >> 4), dim=-1).reshape(w.shape[0], -1)
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None = None, qbias: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 weights of stored rows: bfloat16, int8 times scale[n], or int4 nibbles times scale[n, g] + qbias[n, g]."""
+    if w.dtype == torch.uint8:
+        q = unpack_int4(w).float()
+        N, G = scale.shape
+        return (q.reshape(N, G, -1) * scale[..., None] + qbias[..., None]).reshape(N, -1)
+    out = w.float()
+    return out * scale[:, None] if scale is not None else out
+
+
 BACKWARD_CHUNK_BYTES = 64 * 1024 * 1024  # float32 weight rows widened at a time by _LinearProduct.backward
 
 
@@ -497,28 +771,30 @@ class _LinearProduct(torch.autograd.Function):
     weight a chunk at a time, never a float32 copy of the whole matrix."""
 
     @staticmethod
-    def forward(ctx, x, w, scale, bias):
-        ctx.save_for_backward(w, scale)
+    def forward(ctx, x, w, scale, bias, qbias, group):
+        ctx.save_for_backward(w, scale, qbias)
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
-        return linear(x, w, scale, bias)  # no grad in here: the kernels' path
+        return linear(x, w, scale, bias, qbias, group)  # no grad in here: the kernels' path
 
     @staticmethod
     def backward(ctx, grad):
-        w, scale = ctx.saved_tensors
-        N, K = w.shape
+        w, scale, qbias = ctx.saved_tensors
+        N, K = w.shape[0], ctx.x_shape[-1]
         g = grad.reshape(-1, N).float()
         out = torch.zeros(g.shape[0], K, dtype=torch.float32, device=g.device)
         rows = max(1, BACKWARD_CHUNK_BYTES // (4 * K))
         for i in range(0, N, rows):
-            chunk = w[i : i + rows].float()
-            if scale is not None:
-                chunk *= scale[i : i + rows, None]
-            out.addmm_(g[:, i : i + rows], chunk)
-        return out.to(ctx.x_dtype).reshape(ctx.x_shape), None, None, None
+            part = slice(i, i + rows)
+            chunk = dequantize(w[part], None if scale is None else scale[part], None if qbias is None else qbias[part])
+            out.addmm_(g[:, part], chunk)
+        return out.to(ctx.x_dtype).reshape(ctx.x_shape), None, None, None, None, None
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + bias (w bfloat16, or int8 with a float32 scale per output row), result in x's dtype.
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+           qbias: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+    """x @ w.T + bias, result in x's dtype. w: bfloat16; or int8 with a float32 scale per output row; or
+    int4 (uint8 (N, K / 2), pack_int4's layout) with a float32 scale and qbias per group of `group`
+    inputs of each row (w = q * scale + qbias).
 
     A few rows (decoding): the streaming kernels, the bias added in x's dtype. Many rows (prefill,
     vision): the blocked product that widens weight panels as it packs them and adds the bias to its
@@ -526,12 +802,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
     gradient (LoRA training) the product goes through _LinearProduct, whose backward gives it.
     """
     if torch.is_grad_enabled() and x.requires_grad:
-        return _LinearProduct.apply(x, w, scale, bias)
-    K = w.shape[1]
+        return _LinearProduct.apply(x, w, scale, bias, qbias, group)
+    K = x.shape[-1]
     flat = x.reshape(-1, K)
     if flat.shape[0] <= MAX_ROWS:
         flat = flat.float().contiguous()
-        y = gemv_int8(flat, w, scale) if scale is not None else gemv_bf16(flat, w)
+        if qbias is not None:
+            y = gemv_int4(flat, w, scale, qbias, group)
+        else:
+            y = gemv_int8(flat, w, scale) if scale is not None else gemv_bf16(flat, w)
         y = y.to(x.dtype)
         if bias is not None:
             y = y + bias
@@ -539,16 +818,20 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
         # the blocked products read bfloat16 rows and round their float32 sums to bfloat16 themselves
         flat = flat.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else flat.float().contiguous()
         b = None if bias is None else bias.float().contiguous()
-        y = gemm_int8(flat, w, scale, b) if scale is not None else gemm_bf16(flat, w, b)
+        if qbias is not None:
+            y = gemm_int4(flat, w, scale, qbias, group, b)
+        else:
+            y = gemm_int8(flat, w, scale, b) if scale is not None else gemm_bf16(flat, w, b)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
 class KernelLinear(nn.Module):
-    """A linear layer that multiplies with `linear`: bfloat16 weights (and an optional bias), or int8
-    weights with a float32 scale per output row. The backend puts it in place of nn.Linear and of
-    int8 QuantizedLinear layers."""
+    """A linear layer that multiplies with `linear`: bfloat16 weights (and an optional bias), int8
+    weights with a float32 scale per output row, or int4 weights (`int4`). The backend puts it in place
+    of nn.Linear and of int8 QuantizedLinear layers, and builds int4 layers with it."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 qbias: torch.Tensor | None = None, group: int = 0):
         super().__init__()
         if scale is None:
             self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
@@ -556,9 +839,18 @@ class KernelLinear(nn.Module):
             self.register_buffer("weight", weight.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.register_buffer("scale", None if scale is None else scale.float().contiguous())
+        self.register_buffer("qbias", None if qbias is None else qbias.float().contiguous())
+        self.group = group
+        self.in_features = weight.shape[1] * (2 if qbias is not None else 1)
+        self.out_features = weight.shape[0]
+
+    @classmethod
+    def int4(cls, q: torch.Tensor, scale: torch.Tensor, qbias: torch.Tensor) -> "KernelLinear":
+        """From (N, K) integers in 0..15 and float32 (N, K / group) scale and qbias: w = q * scale + qbias."""
+        return cls(pack_int4(q), scale=scale, qbias=qbias, group=q.shape[1] // scale.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.scale, self.bias)
+        return linear(x, self.weight, self.scale, self.bias, self.qbias, self.group)
 
 
 class KernelEmbedding(nn.Module):

@@ -27,6 +27,12 @@ def gelu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+def fused(x: torch.Tensor) -> bool:
+    """Whether a fused CPU kernel may take x: bf16 activations (emulated, several passes an op in
+    PyTorch), no gradient to give. float32 stays on PyTorch's ops, the reference path."""
+    return x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: computed in float32, scaled by (1 + w)."""
 
@@ -34,8 +40,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
+        self.kernels = False  # bf16 rows through the CPU kernels' one-pass norm (the torch backend sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels and fused(x):
+            return cpu_kernels.rms_norm(x.contiguous(), 1.0 + self.weight.float(), self.eps)
         out = x.float()
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
         # (x * (1 + w)) in float32, then the cast, as transformers does
@@ -123,12 +132,16 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
+        self.kernels = False  # bf16 GELU-gated product on the CPU kernels (the torch backend sets it)
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_gate(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.kernels and fused(gate):
+            return self.down_proj(cpu_kernels.gelu_mul(gate.contiguous(), up.contiguous()))
+        return self.down_proj(gelu_gate(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -136,7 +136,8 @@ class QuantizedLinear(nn.Module):
             y = int8_product(flat, self.weight, self.scales)
         elif torch.is_grad_enabled() and flat.requires_grad:
             # the int4 kernels have no derivative, and their tiled layout cannot be dequantized back
-            raise SettingError("training over a 4-bit base runs on the mlx backend; with torch use quantize=8")
+            raise SettingError("training over a 4-bit base runs on the mlx backend, or on torch where our CPU "
+                              "kernels run (x86 with AVX2, no native bf16); here use quantize=8")
         elif flat.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
         else:
