@@ -212,3 +212,31 @@ def make_image(seed: int, width: int = 70, height: int = 45) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def kernels_absent_reason() -> str | None:
+    """Why this machine is not one the AVX2 kernels are for (None: they must build and run here)."""
+    import platform
+    import shutil
+
+    from mlx_paligemma.hardware import cpu_info
+
+    cpu = cpu_info()
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu.flags:
+        return "the kernels are for x86 CPUs with AVX2 and FMA"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build the kernels with"
+    if os.environ.get("MLX_PALIGEMMA_NO_KERNELS"):
+        return "the kernels are turned off by MLX_PALIGEMMA_NO_KERNELS"
+    return None
+
+
+def require_kernels() -> None:
+    """Skip where the kernels are not meant to run; where they are, a failed build fails the test."""
+    reason = kernels_absent_reason()
+    if reason:
+        pytest.skip(reason)
+    from mlx_paligemma.torch_backend import cpu_kernels
+
+    assert cpu_kernels.build() is not None, "the CPU kernels did not build on a machine that should build them"

@@ -9,9 +9,6 @@ a kernel that fails to compile would otherwise fall back silently and leave ever
 
 from __future__ import annotations
 
-import os
-import platform
-import shutil
 import warnings
 
 import numpy as np
@@ -22,28 +19,16 @@ from mlx_paligemma.processor import pixel_values
 from mlx_paligemma.torch_backend import backend as torch_backend
 from mlx_paligemma.torch_backend import cpu_kernels
 
-from .conftest import IMAGE_SIZE, make_image
+from .conftest import IMAGE_SIZE, kernels_absent_reason, make_image, require_kernels
 
 NAMES = ["pg2", "pg2_window", "pg1"]
 MODES = ["default", "kernels"]
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(f.read().split())
-    except OSError:
-        return set()
-
-
 def test_kernels_build_on_an_avx2_machine_with_a_compiler(monkeypatch):
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= _cpu_flags():
-        pytest.skip("the kernels are for x86 CPUs with AVX2 and FMA")
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C++ compiler ({compiler}) to build the kernels with")
-    if os.environ.get("MLX_PALIGEMMA_NO_KERNELS"):
-        pytest.skip("the kernels are turned off by MLX_PALIGEMMA_NO_KERNELS")
+    reason = kernels_absent_reason()
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setattr(cpu_kernels, "_tried", False)
     monkeypatch.setattr(cpu_kernels, "_module", None)
     with warnings.catch_warnings(record=True) as caught:
@@ -60,8 +45,8 @@ def bf16_models(checkpoints):
 
     def get(mode: str, name: str):
         if (mode, name) not in cache:
-            if mode == "kernels" and not torch_backend.cpu_kernels_available():
-                pytest.skip("the kernels cannot be built here (see test_kernels_build_on_an_avx2_machine_with_a_compiler)")
+            if mode == "kernels":
+                require_kernels()
             with pytest.MonkeyPatch.context() as mp:
                 if mode == "kernels":
                     mp.setattr(torch_backend, "cpu_has_fast_bf16", lambda: False)  # as on an AVX2 CPU without bf16

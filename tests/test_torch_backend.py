@@ -18,7 +18,7 @@ import mlx_paligemma as pg
 from mlx_paligemma.checkpoint import open_checkpoint
 from mlx_paligemma.errors import CheckpointError, SettingError
 
-from .conftest import CHECKPOINTS, make_image
+from .conftest import CHECKPOINTS, make_image, require_kernels
 
 import torch  # noqa: E402
 
@@ -128,8 +128,8 @@ def load_as_cpu_kind(folder, kind: str, monkeypatch, **kw):
     monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: native)
     if not kernels:
         monkeypatch.setattr(tb, "cpu_kernels_available", lambda: False)
-    elif not tb.cpu_kernels_available():
-        pytest.skip("needs an x86 CPU with AVX2 and a C++ compiler")
+    else:
+        require_kernels()
     return pg.load(folder, backend="torch", **kw)
 
 
@@ -403,7 +403,6 @@ def test_int8_against_bfloat16(models):
     assert a[:4] == b[:4]
 
 
-@pytest.mark.skipif(not tb.cpu_kernels_available(), reason="needs an x86 CPU with AVX2 and a C++ compiler")
 @pytest.mark.parametrize("quantize", [None, 8])
 def test_cpu_kernels_switched_on_by_module_replacement(quantize, checkpoints, monkeypatch):
     """On a CPU that emulates bf16 the backend puts the kernels' layers in place of torch's; the
@@ -411,6 +410,7 @@ def test_cpu_kernels_switched_on_by_module_replacement(quantize, checkpoints, mo
     from mlx_paligemma.torch_backend import cpu_kernels
     from mlx_paligemma.torch_backend.gemma import Attention
 
+    require_kernels()
     folder = checkpoints["pg2"].folder
     monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: False)
     on = pg.load(folder, backend="torch", dtype="bfloat16", quantize=quantize)

@@ -841,8 +841,6 @@ class KernelLinear(nn.Module):
         self.register_buffer("scale", None if scale is None else scale.float().contiguous())
         self.register_buffer("qbias", None if qbias is None else qbias.float().contiguous())
         self.group = group
-        self.in_features = weight.shape[1] * (2 if qbias is not None else 1)
-        self.out_features = weight.shape[0]
 
     @classmethod
     def int4(cls, q: torch.Tensor, scale: torch.Tensor, qbias: torch.Tensor) -> "KernelLinear":
