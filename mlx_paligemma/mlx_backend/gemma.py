@@ -85,13 +85,18 @@ class Attention(nn.Module):
         self.v_proj = Linear(dim, self.n_kv_heads * hd, bias=False)
         self.o_proj = Linear(self.n_heads * hd, dim, bias=False)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache, offset: int | mx.array) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None, cache, offset: int | mx.array, last_only: bool = False) -> mx.array:
+        """Attention of x's L positions; with last_only, keys and values of all L positions (the cache)
+        but the query, the attention and the output of the last position only: (B, 1, D)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, nh, L, hd)
+        xq, Lq = x, L
+        if last_only and L > 1:
+            xq, Lq, mask = x[:, -1:], 1, None if mask is None else mask[:, :, -1:]
+        q = self.q_proj(xq).reshape(B, Lq, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, nh, Lq, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, hd)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         # positions count from 1, as in transformers (with RoPE only rounding differs from 0)
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset + 1)
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset + 1 + L - Lq)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset + 1)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v, offset)
@@ -99,7 +104,7 @@ class Attention(nn.Module):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
             out = self._softcapped_attention(q, k, v, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Lq, -1))
 
     def _softcapped_attention(self, q, k, v, mask):
         B, nh, L, hd = q.shape
@@ -139,9 +144,11 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, masks: dict, cache, offset: int) -> mx.array:
+    def __call__(self, x: mx.array, masks: dict, cache, offset: int, last_only: bool = False) -> mx.array:
         mask = masks["sliding" if self.sliding else "full"]
-        h = self.self_attn(self.input_layernorm(x), mask, cache, offset)
+        h = self.self_attn(self.input_layernorm(x), mask, cache, offset, last_only)
+        if last_only:
+            x = x[:, -1:]  # the attention kept the last position only: so do the residual and the MLP
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -163,10 +170,16 @@ class GemmaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         return h * mx.array(self.config.hidden_size**0.5, dtype=h.dtype)
 
-    def __call__(self, h: mx.array, masks: dict, cache: list | None, offset: int) -> mx.array:
-        """Hidden states (B, L, D) after the final norm."""
+    def __call__(self, h: mx.array, masks: dict, cache: list | None, offset: int, last_only: bool = False) -> mx.array:
+        """Hidden states (B, L, D) after the final norm; with last_only, (B, 1, D) of the last position.
+
+        The last position's state depends on the other positions only through the keys and values,
+        so the last layer (once it has cached them) computes its query, attention output and MLP for
+        the last position alone: ~1/num_layers of a prefill's products saved.
+        """
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks, cache[i] if cache is not None else None, offset)
+            h = layer(h, masks, cache[i] if cache is not None else None, offset, last_only and i == n - 1)
         return self.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:

@@ -82,13 +82,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache, offset: int, rope_tables: tuple) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache, offset: int, rope_tables: tuple,
+                last_only: bool = False) -> torch.Tensor:
+        """Attention of x's L positions; with last_only, keys and values of all L positions (the cache)
+        but the query, the attention and the output of the last position only: (B, 1, D)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(1, 2)  # (B, nh, L, hd)
+        xq, Lq, cos, sin = x, L, *rope_tables
+        if last_only and L > 1:
+            xq, Lq, cos, sin, mask = x[:, -1:].contiguous(), 1, cos[-1:], sin[-1:], None if mask is None else mask[:, :, -1:]
+        q = self.q_proj(xq).reshape(B, Lq, self.n_heads, -1).transpose(1, 2)  # (B, nh, Lq, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, nkv, L, hd)
         # contiguous, as rope leaves q and k: a bf16 product on the CPU (oneDNN) copies any other layout
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2).contiguous()
-        q = rope(q, *rope_tables)
+        q = rope(q, cos, sin)
         k = rope(k, *rope_tables)
         if cache is not None:
             cached = cache.update_and_fetch(k, v, offset)
@@ -104,7 +110,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:
             out = self._softcapped_attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1).to(x.dtype))
+        return self.o_proj(out.transpose(1, 2).reshape(B, Lq, -1).to(x.dtype))
 
     def _softcapped_attention(self, q, k, v, mask):
         B, nh, L, hd = q.shape
@@ -157,9 +163,12 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, masks: dict, cache, offset: int, rope_tables: tuple) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: dict, cache, offset: int, rope_tables: tuple,
+                last_only: bool = False) -> torch.Tensor:
         mask = masks["sliding" if self.sliding else "full"]
-        h = self.self_attn(self.input_layernorm(x), mask, cache, offset, rope_tables)
+        h = self.self_attn(self.input_layernorm(x), mask, cache, offset, rope_tables, last_only)
+        if last_only:
+            x = x[:, -1:]  # the attention kept the last position only: so do the residual and the MLP
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -192,12 +201,18 @@ class GemmaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         return h * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(h.dtype)
 
-    def forward(self, h: torch.Tensor, masks: dict, cache: list | None, offset: int) -> torch.Tensor:
-        """Hidden states (B, L, D) after the final norm."""
+    def forward(self, h: torch.Tensor, masks: dict, cache: list | None, offset: int, last_only: bool = False) -> torch.Tensor:
+        """Hidden states (B, L, D) after the final norm; with last_only, (B, 1, D) of the last position.
+
+        The last position's state depends on the other positions only through the keys and values,
+        so the last layer (once it has cached them) computes its query, attention output and MLP for
+        the last position alone: ~1/num_layers of a prefill's products saved.
+        """
         # positions count from 1, as in transformers (with RoPE only rounding differs from 0)
         tables = self.rope_tables(offset + 1, h.shape[1], h.device, h.dtype)
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks, cache[i] if cache is not None else None, offset, tables)
+            h = layer(h, masks, cache[i] if cache is not None else None, offset, tables, last_only and i == n - 1)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

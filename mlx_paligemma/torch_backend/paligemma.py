@@ -39,7 +39,7 @@ class PaliGemma(nn.Module):
 
     def forward(self, h: torch.Tensor, masks: dict, cache: list | None, offset: int, last_only: bool) -> torch.Tensor:
         """Embedded inputs (B, L, D) -> logits (B, L or 1, vocab)."""
-        h = self.text(h, masks, cache, offset)
+        h = self.text(h, masks, cache, offset, last_only)
         if last_only:
             # as a (B, D) matrix: a (B, 1, D) slice keeps the prefill's strides, and matmul then takes
             # its batched path, which copies the whole (transposed) output head every prefill
