@@ -82,12 +82,11 @@ def test_linear_many_rows_and_dtype():
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("rows", [3, 40])  # the streaming kernel and the chunked products
-def test_linear_gradient_is_that_of_the_float64_product(quantized, rows, monkeypatch):
-    """LoRA training over a frozen bf16 or int8 base: the gradient reaching x is grad @ w (w widened
-    a chunk at a time, several chunks here), as float64 autograd gives it; w gets none."""
+@pytest.mark.parametrize("rows", [3, 40])  # the streaming kernel and the blocked product forward
+def test_linear_gradient_is_that_of_the_float64_product(quantized, rows):
+    """LoRA training over a frozen bf16 or int8 base: the gradient reaching x is grad @ w (the
+    transposed blocked product), as float64 autograd gives it; w gets none."""
     g = torch.Generator().manual_seed(1)
-    monkeypatch.setattr(cpu_kernels, "BACKWARD_CHUNK_BYTES", 256 * 4 * 700)
     if quantized:
         w = torch.randint(-127, 128, (2000, 256), generator=g, dtype=torch.int8)
         scale = torch.rand(2000, generator=g) / 100 + 1e-3
@@ -192,11 +191,35 @@ def test_int4_many_row_products_match_float64(M, N, K, group):
         assert torch.allclose(out[0].double(), (x[:rows].double() @ dense.T), rtol=1e-5, atol=1e-5 * ref.abs().max())
 
 
+# the transposed product (g @ W, the backward of a layer): gradient rows in tiles of six and remainders;
+# stored rows (the reduction) in 256-row blocks and a short last one; stored columns (the outputs) in
+# panels of 16, halves of 8 and single columns
+@pytest.mark.parametrize("M, N, K, group", [(1, 5, 8, 8), (13, 300, 45 * 8, 40), (262, 2 * 256 + 13, 2 * 16 + 8 + 8, 16),
+                                            (7, 40, 2304, 256)])
+def test_transposed_products_match_float64(M, N, K, group):
+    g = torch.Generator().manual_seed(M + N + K)
+    grad = torch.randn(M, N, generator=g)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) / 100 + 1e-3
+    w4, scale4, qbias4, dense4, _ = int4_weights(N, K, group, g)
+    cases = [((w,), w.double()), ((q, scale), q.double() * scale.double()[:, None]),
+             ((w4, scale4, qbias4, group), dense4)]
+    for args, dense in cases:
+        ref = grad.double() @ dense
+        y = cpu_kernels.gemm_t(grad, *args)
+        assert y.shape == (M, K) and y.dtype == torch.float32
+        assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max()), args[0].dtype
+        # bfloat16 rows in: the float32 sums of the same rows, rounded once
+        gb = grad.bfloat16()
+        assert torch.equal(cpu_kernels.gemm_t(gb, *args).view(torch.int16),
+                           cpu_kernels.gemm_t(gb.float(), *args).bfloat16().view(torch.int16))
+
+
 @pytest.mark.parametrize("rows", [3, 40])
-def test_int4_linear_gradient_is_that_of_the_float64_product(rows, monkeypatch):
-    """QLoRA over a 4-bit base: the gradient reaching x is grad @ w, w dequantized a chunk at a time."""
+def test_int4_linear_gradient_is_that_of_the_float64_product(rows):
+    """QLoRA over a 4-bit base: the gradient reaching x is grad @ w, w widened panel by panel."""
     g = torch.Generator().manual_seed(2)
-    monkeypatch.setattr(cpu_kernels, "BACKWARD_CHUNK_BYTES", 256 * 4 * 700)
     w, scale, qbias, dense, _ = int4_weights(2000, 256, 64, g)
     x = torch.randn(1, rows, 256, generator=g).requires_grad_()
     up = torch.randn(1, rows, 2000, generator=g)

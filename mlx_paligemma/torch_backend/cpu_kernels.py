@@ -334,6 +334,7 @@ struct BF16 {
     static inline void params(const WRef&, int64_t, int64_t, __m256& s, __m256& b) { s = _mm256_set1_ps(1.f); b = _mm256_setzero_ps(); }
     static inline __m256 widen(__m128i v, __m256, __m256) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)); }
     static inline float one(const WRef& r, int64_t n, int64_t k) { return as_float(((const uint16_t*)r.w)[n * r.K + k]); }
+    static inline void params_row(const WRef&, int64_t, int64_t, __m256& s, __m256& b) { s = _mm256_set1_ps(1.f); b = _mm256_setzero_ps(); }
 };
 
 struct I8 {
@@ -341,6 +342,7 @@ struct I8 {
     static inline void params(const WRef& r, int64_t n, int64_t, __m256& s, __m256& b) { s = _mm256_loadu_ps(r.scale + n); b = _mm256_setzero_ps(); }
     static inline __m256 widen(__m128i v, __m256 s, __m256) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(v)), s); }
     static inline float one(const WRef& r, int64_t n, int64_t k) { return float(((const int8_t*)r.w)[n * r.K + k]) * r.scale[n]; }
+    static inline void params_row(const WRef& r, int64_t n, int64_t, __m256& s, __m256& b) { s = _mm256_set1_ps(r.scale[n]); b = _mm256_setzero_ps(); }
 };
 
 struct I4 {
@@ -363,6 +365,12 @@ struct I4 {
         const uint8_t byte = ((const uint8_t*)r.w)[n * (r.K / 2) + k / 2];
         const int64_t g = n * (r.K / r.group) + k / r.group;
         return float((k & 1) ? byte >> 4 : byte & 0x0F) * r.scale[g] + r.bias[g];
+    }
+    // the scale and bias of row n at inputs k .. k+7 (one group: k is a multiple of 8, as the group size is)
+    static inline void params_row(const WRef& r, int64_t n, int64_t k, __m256& s, __m256& b) {
+        const int64_t g = n * (r.K / r.group) + k / r.group;
+        s = _mm256_set1_ps(r.scale[g]);
+        b = _mm256_set1_ps(r.bias[g]);
     }
 };
 
@@ -387,6 +395,25 @@ static void pack_weights(const WRef& r, int64_t N, int64_t n0, int64_t k0, int64
     }
     for (; j0 < rows; ++j0)
         for (int64_t k = 0; k < kc; ++k) panel[k * NR + j0] = L::one(r, n0 + j0, k0 + k);
+}
+
+// The transposed product (a gradient through the layer, g @ W): the reduction runs over the stored rows
+// and the outputs are the stored columns. Stored rows k0 .. k0 + kc, columns n0 .. n0 + NR (past the
+// row's length: zeros) -> panel[k][j] float32; each panel row is contiguous in the stored matrix.
+template <typename L>
+static void pack_weights_t(const WRef& r, int64_t N, int64_t n0, int64_t k0, int64_t kc, float* panel) {
+    const int64_t cols = std::min<int64_t>(NR, N - n0);
+    for (int64_t k = 0; k < kc; ++k) {
+        float* row = panel + k * NR;
+        int64_t j = 0;
+        for (; j + 8 <= cols; j += 8) {
+            __m256 s, b;
+            L::params_row(r, k0 + k, n0 + j, s, b);
+            _mm256_store_ps(row + j, L::widen(L::load8(r, k0 + k, n0 + j), s, b));
+        }
+        for (; j < cols; ++j) row[j] = L::one(r, k0 + k, n0 + j);
+        for (; j < NR; ++j) row[j] = 0.f;
+    }
 }
 
 // x rows m0 .. m0 + MR (rows past M are zeros), columns k0 .. k0 + kc -> packed[k][i] float32
@@ -454,8 +481,9 @@ static inline void micro(const float* xp, const float* wp, int64_t kc, float* c,
 }
 
 // x (M, K) float32 or bf16 bits -> y (M, N) float32, or bf16 (rounded once, from the float32 sums);
-// bias (N,) float32 or null, added to the float32 sums
-template <typename L, typename X>
+// bias (N,) float32 or null, added to the float32 sums. T: the transposed product, y = x @ W with
+// W stored (K, N), through pack_weights_t.
+template <typename L, typename X, bool T = false>
 static void gemm(const X* xp, const WRef& wr, const float* bias, int64_t M, int64_t N, int64_t K, float* yp, uint16_t* out16) {
     const int64_t MP = (M + MR - 1) / MR, KB = (K + KC - 1) / KC, NP = (N + NR - 1) / NR;
     const int64_t tasks = (NP + PANELS_PER_TASK - 1) / PANELS_PER_TASK;
@@ -476,7 +504,8 @@ static void gemm(const X* xp, const WRef& wr, const float* bias, int64_t M, int6
                 for (int64_t p = t * PANELS_PER_TASK; p < p_end; ++p) {
                     const int64_t n0 = p * NR;
                     const int cols = (int)std::min<int64_t>(NR, N - n0);
-                    pack_weights<L>(wr, N, n0, k0, kc, panel);
+                    if (T) pack_weights_t<L>(wr, N, n0, k0, kc, panel);
+                    else pack_weights<L>(wr, N, n0, k0, kc, panel);
                     for (int64_t mp = 0; mp < MP; ++mp) {
                         const int rows = (int)std::min<int64_t>(MR, M - mp * MR);
                         micro(xpack + (kb * MP + mp) * KC * MR, panel, kc, yp + mp * MR * N + n0, N, rows, cols, kb == 0);
@@ -493,11 +522,11 @@ static void gemm(const X* xp, const WRef& wr, const float* bias, int64_t M, int6
 }
 
 // x (M, K) float32 or bfloat16 -> (M, N) in x's dtype
-template <typename L>
+template <typename L, bool T = false>
 static torch::Tensor gemm_any(torch::Tensor x, const WRef& wr, c10::optional<torch::Tensor> bias, int64_t N) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16));
     const int64_t M = x.size(0), K = x.size(1);
-    TORCH_CHECK(wr.K == K);
+    TORCH_CHECK(T ? wr.K == N : wr.K == K);
     const float* b = nullptr;
     if (bias.has_value()) {
         TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N);
@@ -505,11 +534,11 @@ static torch::Tensor gemm_any(torch::Tensor x, const WRef& wr, c10::optional<tor
     }
     auto acc = torch::empty({M, N}, x.options().dtype(torch::kFloat));
     if (x.scalar_type() == torch::kFloat) {
-        gemm<L, float>(x.data_ptr<float>(), wr, b, M, N, K, acc.data_ptr<float>(), nullptr);
+        gemm<L, float, T>(x.data_ptr<float>(), wr, b, M, N, K, acc.data_ptr<float>(), nullptr);
         return acc;
     }
     auto y = torch::empty({M, N}, x.options());
-    gemm<L, uint16_t>((const uint16_t*)x.data_ptr(), wr, b, M, N, K, acc.data_ptr<float>(), (uint16_t*)y.data_ptr());
+    gemm<L, uint16_t, T>((const uint16_t*)x.data_ptr(), wr, b, M, N, K, acc.data_ptr<float>(), (uint16_t*)y.data_ptr());
     return y;
 }
 
@@ -533,6 +562,27 @@ torch::Tensor gemm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
     TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == N * (K / group));
     TORCH_CHECK(qbias.scalar_type() == torch::kFloat && qbias.is_contiguous() && qbias.numel() == N * (K / group));
     return gemm_any<I4>(x, WRef{w.data_ptr(), scale.data_ptr<float>(), qbias.data_ptr<float>(), group, K}, bias, N);
+}
+
+// g (M, N) float32 or bf16 @ the stored weights (N, K) of a layer -> (M, K) in g's dtype: the gradient
+// that reaches the layer's input, the weights widened panel by panel as in the forward product
+torch::Tensor gemm_t(torch::Tensor g, torch::Tensor w, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> qbias,
+                     int64_t group) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && g.dim() == 2 && g.size(1) == w.size(0));
+    const int64_t N = w.size(0);
+    if (w.scalar_type() == torch::kBFloat16)
+        return gemm_any<BF16, true>(g, WRef{w.data_ptr(), nullptr, nullptr, 0, w.size(1)}, c10::nullopt, w.size(1));
+    TORCH_CHECK(scale.has_value() && scale->scalar_type() == torch::kFloat && scale->is_contiguous());
+    if (w.scalar_type() == torch::kChar) {
+        TORCH_CHECK(scale->numel() == N);
+        return gemm_any<I8, true>(g, WRef{w.data_ptr(), scale->data_ptr<float>(), nullptr, 0, w.size(1)}, c10::nullopt, w.size(1));
+    }
+    TORCH_CHECK(w.scalar_type() == torch::kByte && qbias.has_value(), "gemm_t: bf16, int8 or int4 weights");
+    const int64_t K = w.size(1) * 2;
+    TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "int4: the group size must be a multiple of 8 dividing K");
+    TORCH_CHECK(scale->numel() == N * (K / group) && qbias->scalar_type() == torch::kFloat && qbias->is_contiguous()
+                && qbias->numel() == N * (K / group));
+    return gemm_any<I4, true>(g, WRef{w.data_ptr(), scale->data_ptr<float>(), qbias->data_ptr<float>(), group, K}, c10::nullopt, K);
 }
 
 // ---- elementwise steps of the decoder on bf16 (or float32) rows, float32 math, one rounding at the end
@@ -657,6 +707,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gemm_int4", &gemm_int4);
     m.def("rms_norm", &rms_norm);
     m.def("gelu_mul", &gelu_mul);
+    m.def("gemm_t", &gemm_t);
 }
 """
 
@@ -677,7 +728,7 @@ def build():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v13", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v14", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -729,6 +780,14 @@ def gemm_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, qbias: torc
     return build().gemm_int4(x, w, scale, qbias, group, bias)
 
 
+def gemm_t(g: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, qbias: torch.Tensor | None = None,
+           group: int = 0) -> torch.Tensor:
+    """(M, N) float32 or bfloat16 @ the stored weights (N, K) of a layer (bf16; int8 times scale[n]; int4
+    nibbles times scale[n, g] plus qbias[n, g]) -> (M, K) in g's dtype: the gradient reaching the layer's
+    input. The transposed blocked product: the weights are widened panel by panel, never as a whole."""
+    return build().gemm_t(g, w, scale, qbias, group)
+
+
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm of contiguous bfloat16 or float32 rows: (x * rsqrt(mean(x^2) + eps)) * scale, with
     scale = 1 + w in float32, in x's dtype (float32 math, one rounding)."""
@@ -752,41 +811,23 @@ def unpack_int4(w: torch.Tensor) -> torch.Tensor:
     return torch.stack((w & 0x0F, w >> 4), dim=-1).reshape(w.shape[0], -1)
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None = None, qbias: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 weights of stored rows: bfloat16, int8 times scale[n], or int4 nibbles times scale[n, g] + qbias[n, g]."""
-    if w.dtype == torch.uint8:
-        q = unpack_int4(w).float()
-        N, G = scale.shape
-        return (q.reshape(N, G, -1) * scale[..., None] + qbias[..., None]).reshape(N, -1)
-    out = w.float()
-    return out * scale[:, None] if scale is not None else out
-
-
-BACKWARD_CHUNK_BYTES = 64 * 1024 * 1024  # float32 weight rows widened at a time by _LinearProduct.backward
-
-
 class _LinearProduct(torch.autograd.Function):
-    """`linear` differentiable in x, for LoRA training over a frozen bf16 or int8 base: the kernels
-    have no derivative (their outputs would silently cut the gradient); the backward widens the
-    weight a chunk at a time, never a float32 copy of the whole matrix."""
+    """`linear` differentiable in x, for LoRA training over a frozen bf16, int8 or int4 base: the
+    kernels have no derivative (their outputs would silently cut the gradient); the backward is the
+    transposed blocked product (`gemm_t`), so the weights are never widened to a float32 copy."""
 
     @staticmethod
     def forward(ctx, x, w, scale, bias, qbias, group):
         ctx.save_for_backward(w, scale, qbias)
-        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        ctx.x_dtype, ctx.x_shape, ctx.group = x.dtype, x.shape, group
         return linear(x, w, scale, bias, qbias, group)  # no grad in here: the kernels' path
 
     @staticmethod
     def backward(ctx, grad):
         w, scale, qbias = ctx.saved_tensors
-        N, K = w.shape[0], ctx.x_shape[-1]
-        g = grad.reshape(-1, N).float()
-        out = torch.zeros(g.shape[0], K, dtype=torch.float32, device=g.device)
-        rows = max(1, BACKWARD_CHUNK_BYTES // (4 * K))
-        for i in range(0, N, rows):
-            part = slice(i, i + rows)
-            chunk = dequantize(w[part], None if scale is None else scale[part], None if qbias is None else qbias[part])
-            out.addmm_(g[:, part], chunk)
+        g = grad.reshape(-1, grad.shape[-1])
+        g = g.contiguous() if g.dtype in (torch.float32, torch.bfloat16) else g.float().contiguous()
+        out = gemm_t(g, w, scale, qbias, ctx.group)
         return out.to(ctx.x_dtype).reshape(ctx.x_shape), None, None, None, None, None
 
 

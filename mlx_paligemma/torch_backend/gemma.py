@@ -103,8 +103,10 @@ class Attention(nn.Module):
             # Decoding reads the cache in place, in its dtype (float32 on CPUs: those products take views).
             if offset:
                 k, v = cached
-            elif self.kernels:
-                k, v = k.float(), v.float()  # bf16 products are emulated on this CPU: attention in float32
+        if self.kernels:
+            # bf16 products are emulated on this CPU: attention in float32 (prefill, a forward without a
+            # cache, LoRA training: its bf16 products and their backward were most of a training step)
+            k, v = k.float(), v.float()
         q = q.to(k.dtype)
         if self.softcap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
