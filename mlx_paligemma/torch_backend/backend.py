@@ -352,7 +352,7 @@ class TorchBackend(Backend):
     def trainer(self, lr: float, weight_decay: float = 0.0) -> lora.TorchTrainer:
         if self.quantize == 4 and not self.kernels:
             # torch's int4 kernels have no derivative and their tiled layout cannot be dequantized back;
-            # our CPU kernels' int4 layers can (the backward widens a chunk of rows at a time)
+            # our CPU kernels' int4 layers can (the backward is their transposed product, gemm_t)
             raise SettingError("training over a 4-bit base runs on the mlx backend, or on torch where our CPU "
                                "kernels run (x86 with AVX2, no native bf16); here use quantize=8")
         return lora.TorchTrainer(self, lr, weight_decay)
