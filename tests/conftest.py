@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,3 +241,10 @@ def require_kernels() -> None:
     from mlx_paligemma.torch_backend import cpu_kernels
 
     assert cpu_kernels.build() is not None, "the CPU kernels did not build on a machine that should build them"
+
+
+def interruptible() -> None:
+    """preexec_fn of a child that a test interrupts with SIGINT, as Ctrl-C at a terminal would. A shell
+    starts a background job (`cmd &` without job control, as CI runners and nohup do) with SIGINT
+    ignored; its children inherit that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -23,6 +23,8 @@ from PIL import Image
 import mlx_paligemma as pg
 from mlx_paligemma import batch, cli
 
+from .conftest import interruptible
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLING = dict(max_tokens=6, temperature=1.0, seed=3)
 SAMPLING_ARGS = ["--max-tokens", "6", "--temperature", "1.0", "--seed", "3", "--dtype", "float32"]
@@ -232,7 +234,7 @@ def test_ctrl_c_keeps_the_rows_written_and_exits_130(tmp_path):
     cmd = [sys.executable, "-m", "mlx_paligemma", "batch", str(photos), "--task", "ocr", "-o", str(out),
            "--batch-size", "2", "--model", "demo", "--backend", "mlx", "--max-tokens", "24"]
     proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not (out.exists() and out.read_bytes().count(b"\n") >= 2):
         time.sleep(0.02)

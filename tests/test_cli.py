@@ -28,6 +28,8 @@ from mlx_paligemma import cli
 from mlx_paligemma.detection import format_detections
 from mlx_paligemma.shell import Settings, _make_completer, run_shell
 
+from .conftest import interruptible
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = ["--model", "demo", "--backend", "mlx"]
 STATS_LINE = re.compile(
@@ -207,6 +209,7 @@ def test_ctrl_c_exits_130_without_traceback_or_output_file(photo, tmp_path):
         [sys.executable, "-m", "mlx_paligemma", "detect", str(photo), "cat", "--save", str(out), *DEMO,
          "--max-tokens", "7000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+        preexec_fn=interruptible,
     )
     try:
         assert proc.stdout.read(1)  # the answer has started streaming

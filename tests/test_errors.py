@@ -37,6 +37,8 @@ from mlx_paligemma.config import PaliGemmaConfig
 from mlx_paligemma.demo import demo_checkpoint
 from mlx_paligemma.tokenizer import Tokenizer
 
+from .conftest import interruptible
+
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ["mlx", "torch"]
 SMALL_CONTEXT = 300  # 256 image tokens + a short prompt fit; a long one does not
@@ -499,6 +501,7 @@ def test_cli_ctrl_c_in_generation_exits_130(photo):
         [sys.executable, "-m", "mlx_paligemma", "-i", str(photo), "-p", "caption en", "--model", "demo",
          "--backend", "torch", "--max-tokens", "7000", "--temperature", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+        preexec_fn=interruptible,
     )
     try:
         assert proc.stdout.read(1)  # the answer has started streaming
