@@ -121,7 +121,9 @@ class Attention(nn.Module):
         # the query heads sharing a kv head become rows of one product: no copy of the keys per head
         q = q.reshape(B, nkv, rep * L, hd)
         # decoding on a CPU with our kernels: the two products that read the float32 cache are theirs
-        fused = self.kernels and rep * L <= 8 and q.dtype == torch.float32 and k.dtype == torch.float32 and hd % 8 == 0
+        # (they have no derivative: a few-token forward in training keeps PyTorch's products)
+        fused = (self.kernels and rep * L <= 8 and not q.requires_grad and q.dtype == torch.float32
+                 and k.dtype == torch.float32 and hd % 8 == 0)
         scores = cpu_kernels.attention_scores(q, k) if fused else q @ k.transpose(-1, -2)
         # without autograd the scores are scaled, capped and masked in place: a long prefill holds
         # two (B, nh, L, S) tensors at a time instead of four (2.2 GB each for 28B-896 in float32)
