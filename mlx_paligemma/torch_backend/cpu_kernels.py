@@ -504,7 +504,7 @@ static void gemm(const X* xp, const WRef& wr, const float* bias, int64_t M, int6
                 for (int64_t p = t * PANELS_PER_TASK; p < p_end; ++p) {
                     const int64_t n0 = p * NR;
                     const int cols = (int)std::min<int64_t>(NR, N - n0);
-                    if (T) pack_weights_t<L>(wr, N, n0, k0, kc, panel);
+                    if constexpr (T) pack_weights_t<L>(wr, N, n0, k0, kc, panel);
                     else pack_weights<L>(wr, N, n0, k0, kc, panel);
                     for (int64_t mp = 0; mp < MP; ++mp) {
                         const int rows = (int)std::min<int64_t>(MR, M - mp * MR);
@@ -526,7 +526,6 @@ template <typename L, bool T = false>
 static torch::Tensor gemm_any(torch::Tensor x, const WRef& wr, c10::optional<torch::Tensor> bias, int64_t N) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16));
     const int64_t M = x.size(0), K = x.size(1);
-    TORCH_CHECK(T ? wr.K == N : wr.K == K);
     const float* b = nullptr;
     if (bias.has_value()) {
         TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N);
@@ -542,47 +541,63 @@ static torch::Tensor gemm_any(torch::Tensor x, const WRef& wr, c10::optional<tor
     return y;
 }
 
+// The stored weights of a layer, checked: bf16 (N, K); int8 (N, K) with a float32 scale per row; int4
+// nibbles (N, K / 2) with a float32 scale and bias per group of `group` inputs. WRef.K: the unpacked K.
+static WRef layer_weights(const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
+                          const c10::optional<torch::Tensor>& qbias, int64_t group) {
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous());
+    const int64_t N = w.size(0);
+    if (w.scalar_type() == torch::kBFloat16) return WRef{w.data_ptr(), nullptr, nullptr, 0, w.size(1)};
+    TORCH_CHECK(scale.has_value() && scale->scalar_type() == torch::kFloat && scale->is_contiguous(),
+                "int8 and int4 weights need a float32 scale");
+    if (w.scalar_type() == torch::kChar) {
+        TORCH_CHECK(scale->numel() == N);
+        return WRef{w.data_ptr(), scale->data_ptr<float>(), nullptr, 0, w.size(1)};
+    }
+    TORCH_CHECK(w.scalar_type() == torch::kByte && qbias.has_value(), "weights: bf16, int8, or int4 with a scale and a bias");
+    const int64_t K = w.size(1) * 2;
+    TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "int4: the group size must be a multiple of 8 dividing K");
+    TORCH_CHECK(scale->numel() == N * (K / group) && qbias->scalar_type() == torch::kFloat && qbias->is_contiguous()
+                && qbias->numel() == N * (K / group));
+    return WRef{w.data_ptr(), scale->data_ptr<float>(), qbias->data_ptr<float>(), group, K};
+}
+
+// x (M, K) float32 or bf16 -> x @ W^T (M, N), or with T x (M, N) -> x @ W (M, K): the gradient that
+// reaches the layer's input, the weights widened panel by panel as in the forward product. In x's dtype.
+template <bool T>
+static torch::Tensor product(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> scale,
+                             c10::optional<torch::Tensor> qbias, int64_t group, c10::optional<torch::Tensor> bias) {
+    const WRef wr = layer_weights(w, scale, qbias, group);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == (T ? w.size(0) : wr.K), "the rows of x do not fit the weights");
+    const int64_t N = T ? wr.K : w.size(0);
+    switch (w.scalar_type()) {
+        case torch::kBFloat16: return gemm_any<BF16, T>(x, wr, bias, N);
+        case torch::kChar: return gemm_any<I8, T>(x, wr, bias, N);
+        default: return gemm_any<I4, T>(x, wr, bias, N);
+    }
+}
+
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() && w.size(1) == x.size(1));
-    return gemm_any<BF16>(x, WRef{w.data_ptr(), nullptr, nullptr, 0, w.size(1)}, bias, w.size(0));
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16);
+    return product<false>(x, w, c10::nullopt, c10::nullopt, 0, bias);
 }
 
 torch::Tensor gemm_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kChar && w.is_contiguous() && w.size(1) == x.size(1));
-    TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.numel() == w.size(0) && scale.is_contiguous());
-    return gemm_any<I8>(x, WRef{w.data_ptr(), scale.data_ptr<float>(), nullptr, 0, w.size(1)}, bias, w.size(0));
+    TORCH_CHECK(w.scalar_type() == torch::kChar);
+    return product<false>(x, w, scale, c10::nullopt, 0, bias);
 }
 
 // x (M, K) float32 or bf16 @ int4 weights (N, K / 2) -> (M, N) in x's dtype
 torch::Tensor gemm_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor qbias, int64_t group,
                         c10::optional<torch::Tensor> bias) {
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kByte && w.is_contiguous());
-    const int64_t N = w.size(0), K = w.size(1) * 2;
-    TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "int4: the group size must be a multiple of 8 dividing K");
-    TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && scale.numel() == N * (K / group));
-    TORCH_CHECK(qbias.scalar_type() == torch::kFloat && qbias.is_contiguous() && qbias.numel() == N * (K / group));
-    return gemm_any<I4>(x, WRef{w.data_ptr(), scale.data_ptr<float>(), qbias.data_ptr<float>(), group, K}, bias, N);
+    TORCH_CHECK(w.scalar_type() == torch::kByte);
+    return product<false>(x, w, scale, qbias, group, bias);
 }
 
-// g (M, N) float32 or bf16 @ the stored weights (N, K) of a layer -> (M, K) in g's dtype: the gradient
-// that reaches the layer's input, the weights widened panel by panel as in the forward product
+// g (M, N) float32 or bf16 @ the stored weights (N, K) of a layer (any layout) -> (M, K) in g's dtype
 torch::Tensor gemm_t(torch::Tensor g, torch::Tensor w, c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> qbias,
                      int64_t group) {
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && g.dim() == 2 && g.size(1) == w.size(0));
-    const int64_t N = w.size(0);
-    if (w.scalar_type() == torch::kBFloat16)
-        return gemm_any<BF16, true>(g, WRef{w.data_ptr(), nullptr, nullptr, 0, w.size(1)}, c10::nullopt, w.size(1));
-    TORCH_CHECK(scale.has_value() && scale->scalar_type() == torch::kFloat && scale->is_contiguous());
-    if (w.scalar_type() == torch::kChar) {
-        TORCH_CHECK(scale->numel() == N);
-        return gemm_any<I8, true>(g, WRef{w.data_ptr(), scale->data_ptr<float>(), nullptr, 0, w.size(1)}, c10::nullopt, w.size(1));
-    }
-    TORCH_CHECK(w.scalar_type() == torch::kByte && qbias.has_value(), "gemm_t: bf16, int8 or int4 weights");
-    const int64_t K = w.size(1) * 2;
-    TORCH_CHECK(group > 0 && group % 8 == 0 && K % group == 0, "int4: the group size must be a multiple of 8 dividing K");
-    TORCH_CHECK(scale->numel() == N * (K / group) && qbias->scalar_type() == torch::kFloat && qbias->is_contiguous()
-                && qbias->numel() == N * (K / group));
-    return gemm_any<I4, true>(g, WRef{w.data_ptr(), scale->data_ptr<float>(), qbias->data_ptr<float>(), group, K}, c10::nullopt, K);
+    return product<true>(g, w, scale, qbias, group, c10::nullopt);
 }
 
 // ---- elementwise steps of the decoder on bf16 (or float32) rows, float32 math, one rounding at the end
@@ -728,7 +743,7 @@ def build():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v14", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v15", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
