@@ -90,7 +90,7 @@ class Attention(nn.Module):
         but the query, the attention and the output of the last position only: (B, 1, D)."""
         B, L, _ = x.shape
         xq, Lq = x, L
-        if last_only and L > 1:
+        if last_only:
             xq, Lq, mask = x[:, -1:], 1, None if mask is None else mask[:, :, -1:]
         q = self.q_proj(xq).reshape(B, Lq, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, nh, Lq, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, nkv, L, hd)
@@ -177,9 +177,9 @@ class GemmaModel(nn.Module):
         so the last layer (once it has cached them) computes its query, attention output and MLP for
         the last position alone: ~1/num_layers of a prefill's products saved.
         """
-        n = len(self.layers)
+        last = len(self.layers) - 1 if last_only and h.shape[1] > 1 else None  # a decode step is one position already
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks, cache[i] if cache is not None else None, offset, last_only and i == n - 1)
+            h = layer(h, masks, cache[i] if cache is not None else None, offset, i == last)
         return self.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:

@@ -39,7 +39,4 @@ class PaliGemma(nn.Module):
 
     def __call__(self, h: mx.array, masks: dict, cache: list | None, offset: int, last_only: bool) -> mx.array:
         """Embedded inputs (B, L, D) -> logits (B, L or 1, vocab)."""
-        h = self.text(h, masks, cache, offset, last_only)
-        if last_only:
-            h = h[:, -1:, :]
-        return self.text.logits(h)
+        return self.text.logits(self.text(h, masks, cache, offset, last_only))  # last_only: (B, 1, D) already

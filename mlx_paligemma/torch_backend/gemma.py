@@ -88,7 +88,7 @@ class Attention(nn.Module):
         but the query, the attention and the output of the last position only: (B, 1, D)."""
         B, L, _ = x.shape
         xq, Lq, cos, sin = x, L, *rope_tables
-        if last_only and L > 1:
+        if last_only:
             xq, Lq, cos, sin, mask = x[:, -1:].contiguous(), 1, cos[-1:], sin[-1:], None if mask is None else mask[:, :, -1:]
         q = self.q_proj(xq).reshape(B, Lq, self.n_heads, -1).transpose(1, 2)  # (B, nh, Lq, hd)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(1, 2)  # (B, nkv, L, hd)
@@ -214,9 +214,9 @@ class GemmaModel(nn.Module):
         """
         # positions count from 1, as in transformers (with RoPE only rounding differs from 0)
         tables = self.rope_tables(offset + 1, h.shape[1], h.device, h.dtype)
-        n = len(self.layers)
+        last = len(self.layers) - 1 if last_only and h.shape[1] > 1 else None  # a decode step is one position already
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks, cache[i] if cache is not None else None, offset, tables, last_only and i == n - 1)
+            h = layer(h, masks, cache[i] if cache is not None else None, offset, tables, i == last)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

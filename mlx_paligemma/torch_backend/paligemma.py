@@ -41,7 +41,7 @@ class PaliGemma(nn.Module):
         """Embedded inputs (B, L, D) -> logits (B, L or 1, vocab)."""
         h = self.text(h, masks, cache, offset, last_only)
         if last_only:
-            # as a (B, D) matrix: a (B, 1, D) slice keeps the prefill's strides, and matmul then takes
-            # its batched path, which copies the whole (transposed) output head every prefill
+            # (B, 1, D) already; multiplied as a (B, D) matrix: a strided 3-D input sends matmul down
+            # its batched path, which copies the whole (transposed) output head
             return self.text.logits(h[:, -1].contiguous())[:, None]
         return self.text.logits(h)
