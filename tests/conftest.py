@@ -216,21 +216,14 @@ def make_image(seed: int, width: int = 70, height: int = 45) -> np.ndarray:
 
 
 def kernels_absent_reason() -> str | None:
-    """Why this machine is not one the AVX2 kernels are for (None: they must build and run here)."""
-    import platform
+    """Why this machine is not one the AVX2 kernels are for (None: they must build and run here):
+    the backend's own reason, or no C++ compiler to build them with."""
     import shutil
 
-    from mlx_paligemma.hardware import cpu_info
+    from mlx_paligemma.torch_backend.backend import cpu_kernels_unwanted
 
-    cpu = cpu_info()
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu.flags:
-        return "the kernels are for x86 CPUs with AVX2 and FMA"
     compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) to build the kernels with"
-    if os.environ.get("MLX_PALIGEMMA_NO_KERNELS"):
-        return "the kernels are turned off by MLX_PALIGEMMA_NO_KERNELS"
-    return None
+    return cpu_kernels_unwanted() or (None if shutil.which(compiler) else f"no C++ compiler ({compiler}) to build the kernels with")
 
 
 def require_kernels() -> None:

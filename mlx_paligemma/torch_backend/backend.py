@@ -62,13 +62,20 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu.flags)
 
 
-def cpu_kernels_available() -> bool:
-    """Whether our decode kernels run here: an x86 CPU with AVX2 and FMA where they build
-    (MLX_PALIGEMMA_NO_KERNELS set turns them off)."""
+def cpu_kernels_unwanted() -> str | None:
+    """Why our AVX2 kernels are not for this machine, or None: an x86 CPU with AVX2 and FMA, and
+    MLX_PALIGEMMA_NO_KERNELS not set."""
     cpu = cpu_info()
-    if os.environ.get("MLX_PALIGEMMA_NO_KERNELS") or not cpu.x86 or not {"avx2", "fma"} <= cpu.flags:
-        return False
-    return cpu_kernels.build() is not None
+    if os.environ.get("MLX_PALIGEMMA_NO_KERNELS"):
+        return "the kernels are turned off by MLX_PALIGEMMA_NO_KERNELS"
+    if not cpu.x86 or not {"avx2", "fma"} <= cpu.flags:
+        return "the kernels are for x86 CPUs with AVX2 and FMA"
+    return None
+
+
+def cpu_kernels_available() -> bool:
+    """Whether our decode kernels run here: a machine they are for (cpu_kernels_unwanted) where they build."""
+    return cpu_kernels_unwanted() is None and cpu_kernels.build() is not None
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> str:
