@@ -265,21 +265,19 @@ def test_rms_norm_and_gelu_product_match_float64(dtype):
     assert err.max() <= max(torch_err.max(), 4 * ulp * ref.abs().max())
 
 
-def test_few_token_attention_under_autograd_keeps_its_gradient():
+def test_few_token_attention_under_autograd_keeps_its_gradient(checkpoints):
     """On our kernels' path attention runs in float32; the fused decode products have no derivative,
     so a forward of a few tokens that needs gradients (training) must not take them."""
-    from mlx_paligemma.config import TextConfig
-    from mlx_paligemma.torch_backend.gemma import Attention
+    from mlx_paligemma.config import PaliGemmaConfig
+    from mlx_paligemma.torch_backend.gemma import GemmaModel
 
-    config = TextConfig(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=32, rms_norm_eps=1e-6,
-                        rope_theta=10000.0, max_position_embeddings=64, query_pre_attn_scalar=16,
-                        attn_logit_softcapping=50.0)
+    config = PaliGemmaConfig.from_file(checkpoints["pg2"].folder / "config.json").text  # as transformers wrote it
     torch.manual_seed(0)
-    attn = Attention(config)
-    x = torch.randn(1, 2, 64)  # 2 tokens x 2 query heads per kv head: within the fused products' reach
-    positions = torch.arange(1, 3, dtype=torch.float32)[:, None] / 10000 ** (torch.arange(0, 16, 2) / 16)
-    tables = (torch.cat((positions, positions), -1).cos(), torch.cat((positions, positions), -1).sin())
+    text = GemmaModel(config)
+    attn = text.layers[0].self_attn
+    x = torch.randn(1, 2, config.hidden_size)  # 2 tokens x 2 query heads per kv head: within the fused products' reach
+    assert attn.n_heads // attn.n_kv_heads * x.shape[1] <= 8
+    tables = text.rope_tables(1, x.shape[1], x.device, x.dtype)
     grads = []
     for kernels in (False, True):
         attn.kernels = kernels
