@@ -103,7 +103,7 @@ class Attention(nn.Module):
             # Decoding reads the cache in place, in its dtype (float32 on CPUs: those products take views).
             if offset:
                 k, v = cached
-        if self.kernels:
+        if self.kernels and k.dtype != torch.float32:  # a decode step reads the float32 cache as it is
             # bf16 products are emulated on this CPU: attention in float32 (prefill, a forward without a
             # cache, LoRA training: its bf16 products and their backward were most of a training step)
             k, v = k.float(), v.float()
