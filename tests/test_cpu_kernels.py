@@ -38,9 +38,9 @@ def test_int8_kernel_matches_float64(rows):
     assert torch.allclose(cpu_kernels.gemv_int8(x, q, scale).double(), ref, rtol=1e-4, atol=1e-4)
 
 
-# rows: one tile of six and remainders; weight rows: panels of 16 with halves of 8 and single rows left;
-# columns: several 256-wide blocks, a last block that is not a multiple of 8, and one shorter than 8
-@pytest.mark.parametrize("M, N, K", [(9, 16, 8), (13, 45, 300), (262, 2 * 16 + 8 + 3, 2 * 256 + 13), (7, 3, 5)])
+# rows: tiles of four and remainders; weight rows: panels of 24 with thirds of 8 and single rows left;
+# columns: several 192-wide blocks, a last block that is not a multiple of 8, and one shorter than 8
+@pytest.mark.parametrize("M, N, K", [(9, 16, 8), (13, 45, 300), (262, 2 * 24 + 8 + 3, 2 * 192 + 13), (7, 3, 5)])
 def test_many_row_products_match_float64(M, N, K):
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
@@ -166,9 +166,9 @@ def test_int4_streaming_kernel_matches_float64(rows, group):
     assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
 
 
-# rows: tiles of six and remainders; weight rows: panels of 16, halves of 8 and single rows; columns: a last
-# 256-wide block that is short (320 = 256 + 64), and groups that straddle nothing (group divides 256)
-@pytest.mark.parametrize("M, N, K, group", [(9, 16, 64, 32), (13, 45, 320, 64), (262, 2 * 16 + 8 + 3, 768, 128),
+# rows: tiles of four and remainders; weight rows: panels of 24, thirds of 8 and single rows; columns: a last
+# 192-wide block that is short (320 = 192 + 128), and groups that straddle the 192-wide blocks (128, 256)
+@pytest.mark.parametrize("M, N, K, group", [(9, 16, 64, 32), (13, 45, 320, 64), (262, 2 * 24 + 8 + 3, 768, 128),
                                             (20, 24, 2304, 256)])
 def test_int4_many_row_products_match_float64(M, N, K, group):
     g = torch.Generator().manual_seed(M * N + K)
@@ -192,9 +192,9 @@ def test_int4_many_row_products_match_float64(M, N, K, group):
 
 
 # the transposed product (g @ W, the backward of a layer): gradient rows in tiles of six and remainders;
-# stored rows (the reduction) in 256-row blocks and a short last one; stored columns (the outputs) in
-# panels of 16, halves of 8 and single columns
-@pytest.mark.parametrize("M, N, K, group", [(1, 5, 8, 8), (13, 300, 45 * 8, 40), (262, 2 * 256 + 13, 2 * 16 + 8 + 8, 16),
+# stored rows (the reduction) in 192-row blocks and a short last one; stored columns (the outputs) in
+# panels of 24, thirds of 8 and single columns
+@pytest.mark.parametrize("M, N, K, group", [(1, 5, 8, 8), (13, 300, 45 * 8, 40), (262, 2 * 192 + 13, 2 * 24 + 8 + 8, 16),
                                             (7, 40, 2304, 256)])
 def test_transposed_products_match_float64(M, N, K, group):
     g = torch.Generator().manual_seed(M + N + K)
