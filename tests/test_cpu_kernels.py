@@ -231,7 +231,7 @@ def test_int4_linear_gradient_is_that_of_the_float64_product(rows):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_and_gelu_product_match_float64(dtype):
-    """The one-pass RMSNorm and GELU-gated product: within one rounding of the float64 result (bf16: the
+    """The one-pass RMSNorm, GELU-gated product and GELU: within one rounding of the float64 result (bf16: the
     intermediate gelu rounded as PyTorch's two steps round it), and at least as close as PyTorch's ops."""
     import torch.nn.functional as F
 
@@ -263,6 +263,15 @@ def test_rms_norm_and_gelu_product_match_float64(dtype):
     err, torch_err = (out.double() - ref).abs(), ((F.gelu(gate, approximate="tanh") * up).double() - ref).abs()
     assert (err <= 2 * ulp * ref.abs() + 1e-30).float().mean() >= 0.97  # bf16: a few gelu roundings differ by one step
     assert err.max() <= max(torch_err.max(), 4 * ulp * ref.abs().max())
+
+    # gelu alone (SigLIP's MLP): one rounding of the float64 gelu, as PyTorch's gelu rounds
+    ref = F.gelu(gate.double(), approximate="tanh")
+    out = cpu_kernels.gelu(gate)
+    assert out.dtype == dtype and out.shape == gate.shape and torch.isfinite(out).all()
+    err, torch_err = (out.double() - ref).abs(), (F.gelu(gate, approximate="tanh").double() - ref).abs()
+    within = lambda e: (e <= ulp * ref.abs() + 1e-30).float().mean()  # noqa: E731
+    assert within(err) >= max(0.95, within(torch_err))  # as many elements within a rounding as PyTorch's gelu, or more
+    assert err.max() <= max(torch_err.max(), 2 * ulp * ref.abs().max())
 
 
 def test_few_token_attention_under_autograd_keeps_its_gradient(checkpoints):

@@ -110,10 +110,10 @@ def use_cpu_kernels(model: PaliGemma) -> None:
     """Put the CPU kernels' layers in place of bfloat16 nn.Linear, the patch embedding's convolution,
     int8 QuantizedLinear and the tied embedding (explicit module replacement, as gpt-fast's quantize
     does), and turn on float32 attention (SigLIP, text prefill), the attention products that read
-    the cache while decoding, and the one-pass RMSNorm and GELU-gated product on bf16 rows. (int4
+    the cache while decoding, and the one-pass RMSNorm, GELU-gated product and SigLIP's GELU on bf16 rows. (int4
     layers are built as the kernels' layers when loading.)"""
     for path, module in list(model.named_modules()):
-        if isinstance(module, (Attention, siglip.Attention, MLP, RMSNorm)):
+        if isinstance(module, (Attention, siglip.Attention, MLP, siglip.MLP, RMSNorm)):
             module.kernels = True
             continue
         if isinstance(module, nn.Conv2d) and module.weight.dtype == torch.bfloat16 and module.stride == module.kernel_size \

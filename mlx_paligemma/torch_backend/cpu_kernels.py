@@ -667,7 +667,8 @@ static inline float gelu1(float x) {
     return t[0];
 }
 
-// out = gelu(gate) * up, gelu's result rounded to X first as PyTorch's two steps round it
+// out = gelu(gate) * up, gelu's result rounded to X first as PyTorch's two steps round it; without up
+// (null), out = gelu(gate), rounded once as PyTorch's gelu rounds it
 template <typename X>
 static void gelu_mul_rows(const X* gate, const X* up, int64_t n, X* out) {
     const int64_t chunks = (n + 4095) / 4096;
@@ -677,6 +678,7 @@ static void gelu_mul_rows(const X* gate, const X* up, int64_t n, X* out) {
         int64_t i = i0;
         for (; i + 8 <= i1; i += 8) {
             __m256 g = gelu8(load8f(gate + i));
+            if (!up) { store8f(out + i, g); continue; }
             if (sizeof(X) == 2) {  // the bf16 rounding of gelu's result
                 alignas(32) uint16_t t[8];
                 store8f(t, g);
@@ -684,7 +686,10 @@ static void gelu_mul_rows(const X* gate, const X* up, int64_t n, X* out) {
             }
             store8f(out + i, _mm256_mul_ps(g, load8f(up + i)));
         }
-        for (; i < i1; ++i) store8f_one(out + i, round_as(gelu1(as_float(gate[i])), gate) * as_float(up[i]));
+        for (; i < i1; ++i) {
+            const float g = gelu1(as_float(gate[i]));
+            store8f_one(out + i, up ? round_as(g, gate) * as_float(up[i]) : g);
+        }
     }
 }
 
@@ -700,14 +705,16 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor scale, double eps) {
     return out;
 }
 
-torch::Tensor gelu_mul(torch::Tensor gate, torch::Tensor up) {
-    TORCH_CHECK(gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type());
-    TORCH_CHECK(gate.scalar_type() == torch::kBFloat16 || gate.scalar_type() == torch::kFloat);
+torch::Tensor gelu_mul(torch::Tensor gate, c10::optional<torch::Tensor> up) {
+    TORCH_CHECK(gate.is_contiguous() && (gate.scalar_type() == torch::kBFloat16 || gate.scalar_type() == torch::kFloat));
+    if (up.has_value())
+        TORCH_CHECK(up->is_contiguous() && gate.sizes() == up->sizes() && gate.scalar_type() == up->scalar_type());
     auto out = torch::empty_like(gate);
     if (gate.scalar_type() == torch::kFloat)
-        gelu_mul_rows<float>(gate.data_ptr<float>(), up.data_ptr<float>(), gate.numel(), out.data_ptr<float>());
+        gelu_mul_rows<float>(gate.data_ptr<float>(), up.has_value() ? up->data_ptr<float>() : nullptr, gate.numel(), out.data_ptr<float>());
     else
-        gelu_mul_rows<uint16_t>((const uint16_t*)gate.data_ptr(), (const uint16_t*)up.data_ptr(), gate.numel(), (uint16_t*)out.data_ptr());
+        gelu_mul_rows<uint16_t>((const uint16_t*)gate.data_ptr(), up.has_value() ? (const uint16_t*)up->data_ptr() : nullptr,
+                                gate.numel(), (uint16_t*)out.data_ptr());
     return out;
 }
 
@@ -743,7 +750,7 @@ def build():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v16", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v17", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -813,6 +820,12 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu(gate, tanh approximation) * up for contiguous bfloat16 or float32 tensors of one shape,
     rounded as PyTorch's two steps round."""
     return build().gelu_mul(gate, up)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """gelu(x, tanh approximation) of a contiguous bfloat16 or float32 tensor, float32 math, one rounding
+    (as PyTorch's gelu): SigLIP's MLP."""
+    return build().gelu_mul(x, None)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
