@@ -295,3 +295,33 @@ def test_few_token_attention_under_autograd_keeps_its_gradient(checkpoints):
         grads.append(xi.grad)
     assert grads[1].abs().sum() > 0
     assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_softcap_softmax_matches_float64():
+    """Gemma 2's attention weights in one kernel (scale, softcap, mask, softmax, in place): as close to
+    the float64 weights as PyTorch's steps are; left-out keys get exactly 0; a row with no key left
+    gets uniform weights, as PyTorch's masked_fill and softmax give it."""
+    from mlx_paligemma.torch_backend.gemma import softcap
+
+    g = torch.Generator().manual_seed(5)
+    B, X, L, S = 2, 3 * 37, 37, 45  # 3 heads' rows per batch row; rows not a multiple of 8 long
+    scores = torch.randn(B, X, S, generator=g) * 30
+    scores[0, 0, :4] = torch.tensor([0.0, 1e-4, -300.0, 300.0])  # tanh near 0 and saturated
+    mask = torch.rand(B, L, S, generator=g) > 0.3
+    mask[1, 5] = False
+    scale, cap = 256**-0.5, 50.0
+    keep = mask.repeat(1, X // L, 1)
+    lowest = torch.finfo(torch.float32).min
+    ref = torch.softmax((torch.tanh(scores.double() * scale / cap) * cap).masked_fill(~keep, lowest), -1)
+    theirs = softcap(scores * scale, cap).masked_fill(~keep, lowest).softmax(-1)
+    for m, expected, steps in ((mask, ref, theirs), (None, torch.softmax(torch.tanh(scores.double() * scale / cap) * cap, -1),
+                                                      softcap(scores * scale, cap).softmax(-1))):
+        original = scores.clone()
+        out = cpu_kernels.softcap_softmax_(original, L, scale, cap, m)
+        assert out.data_ptr() == original.data_ptr()  # in place
+        err = (out.double() - expected).abs().max()
+        assert err <= max(2 * (steps.double() - expected).abs().max(), 1e-6)
+    out = cpu_kernels.softcap_softmax_(scores.clone(), L, scale, cap, mask)
+    assert torch.equal(out[~keep & (keep.sum(-1, keepdim=True) > 0)], torch.zeros_like(out[~keep & (keep.sum(-1, keepdim=True) > 0)]))
+    assert torch.allclose(out[1, 5::L], torch.full((X // L, S), 1.0 / S))  # no key left: uniform, as in PyTorch
+    assert torch.allclose(theirs[1, 5::L], torch.full((X // L, S), 1.0 / S))

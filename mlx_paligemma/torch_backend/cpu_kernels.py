@@ -693,6 +693,95 @@ static void gelu_mul_rows(const X* gate, const X* up, int64_t n, X* out) {
     }
 }
 
+// tanh for float32 lanes (Cephes' tanhf: an odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above)
+static inline __m256 tanh8(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), a = _mm256_andnot_ps(sign, x);
+    const __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f),
+        _mm256_add_ps(exp8(_mm256_add_ps(a, a)), _mm256_set1_ps(1.0f))));
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(-5.70498872745E-3f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954E-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531E-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036E-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422E-1f));
+    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), a, a);
+    const __m256 r = _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+    return _mm256_or_ps(r, _mm256_and_ps(x, sign));
+}
+
+// Gemma 2's attention weights, in place: rows of float32 scores -> softmax(cap * tanh(scores * scale / cap))
+// over each row, keys whose mask is false left out (weight 0). scores (B, X, S): X rows per batch row, the
+// row x of batch b takes the mask row (b, x % L) of mask (B, L, S); no mask: every key. As PyTorch's
+// scale, softcap, masked_fill (finfo.min) and softmax in turn compute them, in one pass over the scores
+// and one over the weights; a row with no key left gets uniform weights, as there.
+static void softcap_softmax_rows(float* scores, const bool* mask, int64_t B, int64_t X, int64_t L, int64_t S, float scale, float cap) {
+    const float lowest = -3.40282347e+38f;
+    #pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < B * X; ++row) {
+        float* r = scores + row * S;
+        const bool* m = mask ? mask + ((row / X) * L + (row % X) % L) * S : nullptr;
+        const __m256 pre = _mm256_set1_ps(scale / cap), post = _mm256_set1_ps(cap);
+        int64_t s = 0;
+        __m256 mx = _mm256_set1_ps(lowest);
+        float top = lowest;
+        for (; s + 8 <= S; s += 8) {
+            __m256 v = _mm256_mul_ps(tanh8(_mm256_mul_ps(_mm256_loadu_ps(r + s), pre)), post);
+            if (m) {
+                const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(m + s)));
+                const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_cvtepu16_epi32(b), _mm256_setzero_si256()));
+                v = _mm256_blendv_ps(_mm256_set1_ps(lowest), v, keep);
+            }
+            _mm256_storeu_ps(r + s, v);
+            mx = _mm256_max_ps(mx, v);
+        }
+        alignas(32) float t[8];
+        _mm256_store_ps(t, mx);
+        for (int i = 0; i < 8; ++i) top = std::max(top, t[i]);
+        for (; s < S; ++s) {
+            alignas(32) float one[8] = {r[s] * (scale / cap), 0, 0, 0, 0, 0, 0, 0};
+            _mm256_store_ps(one, tanh8(_mm256_load_ps(one)));
+            r[s] = (m && !m[s]) ? lowest : one[0] * cap;
+            top = std::max(top, r[s]);
+        }
+        if (top == lowest) {  // nothing to attend to: PyTorch's softmax of equal values
+            for (s = 0; s < S; ++s) r[s] = 1.0f / (float)S;
+            continue;
+        }
+        // exp(v - top); the left-out keys (finfo.min) get exactly 0 (exp would clamp at -88, not reach 0)
+        const __m256 top8 = _mm256_set1_ps(top), low8 = _mm256_set1_ps(lowest);
+        __m256 sum8 = _mm256_setzero_ps();
+        for (s = 0; s + 8 <= S; s += 8) {
+            const __m256 v = _mm256_loadu_ps(r + s);
+            const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(v, low8, _CMP_EQ_OQ), exp8(_mm256_sub_ps(v, top8)));
+            _mm256_storeu_ps(r + s, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+        float sum = hsum(sum8);
+        for (; s < S; ++s) {
+            alignas(32) float one[8] = {r[s] - top, 0, 0, 0, 0, 0, 0, 0};
+            _mm256_store_ps(one, exp8(_mm256_load_ps(one)));
+            r[s] = r[s] == lowest ? 0.f : one[0];
+            sum += r[s];
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (s = 0; s + 8 <= S; s += 8) _mm256_storeu_ps(r + s, _mm256_mul_ps(_mm256_loadu_ps(r + s), inv));
+        for (; s < S; ++s) r[s] *= 1.0f / sum;
+    }
+}
+
+torch::Tensor softcap_softmax_(torch::Tensor scores, int64_t L, double scale, double cap, c10::optional<torch::Tensor> mask) {
+    TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous() && scores.scalar_type() == torch::kFloat);
+    const int64_t B = scores.size(0), X = scores.size(1), S = scores.size(2);
+    const bool* m = nullptr;
+    if (mask.has_value()) {
+        TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->dim() == 3);
+        TORCH_CHECK(mask->size(0) == B && mask->size(1) == L && mask->size(2) == S && X % L == 0);
+        m = mask->data_ptr<bool>();
+    }
+    softcap_softmax_rows(scores.data_ptr<float>(), m, B, X, L, S, (float)scale, (float)cap);
+    return scores;
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor scale, double eps) {
     TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat));
     const int64_t D = x.size(-1), R = x.numel() / D;
@@ -730,6 +819,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm);
     m.def("gelu_mul", &gelu_mul);
     m.def("gemm_t", &gemm_t);
+    m.def("softcap_softmax_", &softcap_softmax_);
 }
 """
 
@@ -750,7 +840,7 @@ def build():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v17", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v18", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -808,6 +898,13 @@ def gemm_t(g: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
     nibbles times scale[n, g] plus qbias[n, g]) -> (M, K) in g's dtype: the gradient reaching the layer's
     input. The transposed blocked product: the weights are widened panel by panel, never as a whole."""
     return build().gemm_t(g, w, scale, qbias, group)
+
+
+def softcap_softmax_(scores: torch.Tensor, L: int, scale: float, cap: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """Gemma 2's attention weights in place: float32 scores (B, X, S), contiguous -> softmax over S of
+    cap * tanh(scores * scale / cap), keys where mask (B, L, S) bool is False left out (row x of batch b
+    takes mask[b, x % L]); returns scores."""
+    return build().softcap_softmax_(scores, L, scale, cap, mask)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:

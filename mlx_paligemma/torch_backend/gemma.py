@@ -128,6 +128,13 @@ class Attention(nn.Module):
         # without autograd the scores are scaled, capped and masked in place: a long prefill holds
         # two (B, nh, L, S) tensors at a time instead of four (2.2 GB each for 28B-896 in float32)
         inplace = not scores.requires_grad
+        if self.kernels and inplace and scores.dtype == torch.float32 and scores.is_contiguous():
+            # on our kernels' path: scale, softcap, mask and softmax in one kernel (two passes, not six)
+            keep = None if mask is None else mask[:, 0].contiguous()  # (B, L, S)
+            weights = cpu_kernels.softcap_softmax_(scores.reshape(B, nkv * rep * L, S), L, self.scale, self.softcap, keep)
+            out = cpu_kernels.attention_values(weights.reshape(B, nkv, rep * L, S), v) if fused \
+                else weights.reshape(B, nkv, rep * L, S) @ v
+            return out.reshape(B, nh, L, hd)
         scores = (scores.mul_(self.scale) if inplace else scores * self.scale).reshape(B, nkv, rep, L, S)
         # the softcap comes before the mask, as in transformers
         scores = softcap(scores, self.softcap, inplace)
