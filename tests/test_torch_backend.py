@@ -9,6 +9,8 @@ the conv layout, and int8/int4 quantization (including folders quantized by the 
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import dataclasses
 
 import numpy as np
@@ -426,3 +428,32 @@ def test_cpu_kernels_switched_on_by_module_replacement(quantize, checkpoints, mo
     assert rel_diff(on.logits(image, "caption en", suffix=[5, 6, 7]), off.logits(image, "caption en", suffix=[5, 6, 7])) <= 2e-2
     # the first id; later ones may part at a near tie of the random model (int8 does at its second)
     assert on.generate(image, "caption en", max_tokens=1).token_ids == off.generate(image, "caption en", max_tokens=1).token_ids
+
+
+FAULT_SWEEP = """
+import resource, sys, torch
+from mlx_paligemma.torch_backend.backend import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def sweep():  # tensors of 1 to 30 MB, as a generation's activations, each allocated, touched and freed
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for mb in range(1, 31):
+        t = torch.ones(mb << 18)
+        del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+sweep()
+print(sweep())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_freed_activations_are_reused_without_page_faults():
+    """keep_freed_memory (set when a CPU model loads): the second sweep over activation-sized tensors
+    reuses the heap's pages; glibc's default maps each new size fresh and faults every page in again."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULT_SWEEP, mode], env=env, capture_output=True,
+                                       text=True, check=True).stdout.split()[-1]) for mode in ("keep", "default")}
+    assert faults["default"] > 4000  # ~7,600 here: 30 MB of fresh pages
+    assert faults["keep"] < faults["default"] / 4
