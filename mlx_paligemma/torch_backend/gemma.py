@@ -132,16 +132,15 @@ class Attention(nn.Module):
             # on our kernels' path: scale, softcap, mask and softmax in one kernel (two passes, not six)
             keep = None if mask is None else mask[:, 0].contiguous()  # (B, L, S)
             weights = cpu_kernels.softcap_softmax_(scores.reshape(B, nkv * rep * L, S), L, self.scale, self.softcap, keep)
-            out = cpu_kernels.attention_values(weights.reshape(B, nkv, rep * L, S), v) if fused \
-                else weights.reshape(B, nkv, rep * L, S) @ v
-            return out.reshape(B, nh, L, hd)
-        scores = (scores.mul_(self.scale) if inplace else scores * self.scale).reshape(B, nkv, rep, L, S)
-        # the softcap comes before the mask, as in transformers
-        scores = softcap(scores, self.softcap, inplace)
-        if mask is not None:
-            fill = torch.finfo(scores.dtype).min
-            scores = scores.masked_fill_(~mask[:, :, None], fill) if inplace else scores.masked_fill(~mask[:, :, None], fill)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).reshape(B, nkv, rep * L, S)
+            weights = weights.reshape(B, nkv, rep * L, S)
+        else:
+            scores = (scores.mul_(self.scale) if inplace else scores * self.scale).reshape(B, nkv, rep, L, S)
+            # the softcap comes before the mask, as in transformers
+            scores = softcap(scores, self.softcap, inplace)
+            if mask is not None:
+                fill = torch.finfo(scores.dtype).min
+                scores = scores.masked_fill_(~mask[:, :, None], fill) if inplace else scores.masked_fill(~mask[:, :, None], fill)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).reshape(B, nkv, rep * L, S)
         out = cpu_kernels.attention_values(weights, v) if fused else weights @ v
         return out.reshape(B, nh, L, hd)
 
