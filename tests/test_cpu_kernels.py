@@ -317,11 +317,18 @@ def test_softcap_softmax_matches_float64():
     for m, expected, steps in ((mask, ref, theirs), (None, torch.softmax(torch.tanh(scores.double() * scale / cap) * cap, -1),
                                                       softcap(scores * scale, cap).softmax(-1))):
         original = scores.clone()
-        out = cpu_kernels.softcap_softmax_(original, L, scale, cap, m)
+        out = cpu_kernels.softcap_softmax_(original, L, scale, cap, None if m is None else m[:, None])  # (B, 1, L, S)
         assert out.data_ptr() == original.data_ptr()  # in place
         err = (out.double() - expected).abs().max()
         assert err <= max(2 * (steps.double() - expected).abs().max(), 1e-6)
-    out = cpu_kernels.softcap_softmax_(scores.clone(), L, scale, cap, mask)
+    out = cpu_kernels.softcap_softmax_(scores.clone(), L, scale, cap, mask[:, None])
     assert torch.equal(out[~keep & (keep.sum(-1, keepdim=True) > 0)], torch.zeros_like(out[~keep & (keep.sum(-1, keepdim=True) > 0)]))
     assert torch.allclose(out[1, 5::L], torch.full((X // L, S), 1.0 / S))  # no key left: uniform, as in PyTorch
     assert torch.allclose(theirs[1, 5::L], torch.full((X // L, S), 1.0 / S))
+    # the mask is read in place: a strided slice (the last position's row, as the last layer of a prefill
+    # takes it) gives what its contiguous copy gives
+    last = mask[:, None, -1:]
+    assert not last.is_contiguous()
+    rows = scores[:, L - 1::L].contiguous()  # every head's last-position row
+    assert torch.equal(cpu_kernels.softcap_softmax_(rows.clone(), 1, scale, cap, last),
+                       cpu_kernels.softcap_softmax_(rows.clone(), 1, scale, cap, last.contiguous()))

@@ -137,7 +137,8 @@ def use_cpu_kernels(model: PaliGemma) -> None:
     """Put the CPU kernels' layers in place of bfloat16 nn.Linear, the patch embedding's convolution,
     int8 QuantizedLinear and the tied embedding (explicit module replacement, as gpt-fast's quantize
     does), and turn on float32 attention (SigLIP, text prefill), the attention products that read
-    the cache while decoding, and the one-pass RMSNorm, GELU-gated product and SigLIP's GELU on bf16 rows. (int4
+    the cache while decoding, the one-pass RMSNorm and GELU-gated product on bf16 rows, and SigLIP's one-pass
+    GELU (its activations are float32 here). (int4
     layers are built as the kernels' layers when loading.)"""
     for path, module in list(model.named_modules()):
         if isinstance(module, (Attention, siglip.Attention, MLP, siglip.MLP, RMSNorm)):

@@ -661,9 +661,11 @@ static inline __m256 gelu8(__m256 x) {
     return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_mul_ps(y, _mm256_set1_ps(-2.0f)))));
 }
 
-static inline float gelu1(float x) {
+// one value through a lane function (the scalar tails of the row loops, computed exactly as the lanes are)
+template <__m256 (*F)(__m256)>
+static inline float lane0(float x) {
     alignas(32) float t[8] = {x, 0, 0, 0, 0, 0, 0, 0};
-    _mm256_store_ps(t, gelu8(_mm256_load_ps(t)));
+    _mm256_store_ps(t, F(_mm256_load_ps(t)));
     return t[0];
 }
 
@@ -687,7 +689,7 @@ static void gelu_mul_rows(const X* gate, const X* up, int64_t n, X* out) {
             store8f(out + i, _mm256_mul_ps(g, load8f(up + i)));
         }
         for (; i < i1; ++i) {
-            const float g = gelu1(as_float(gate[i]));
+            const float g = lane0<gelu8>(as_float(gate[i]));
             store8f_one(out + i, up ? round_as(g, gate) * as_float(up[i]) : g);
         }
     }
@@ -711,15 +713,17 @@ static inline __m256 tanh8(__m256 x) {
 
 // Gemma 2's attention weights, in place: rows of float32 scores -> softmax(cap * tanh(scores * scale / cap))
 // over each row, keys whose mask is false left out (weight 0). scores (B, X, S): X rows per batch row, the
-// row x of batch b takes the mask row (b, x % L) of mask (B, L, S); no mask: every key. As PyTorch's
+// row x of batch b takes the mask row (b, x % L), at mask + b * mb + (x % L) * ml (the model's (B, 1, L, S)
+// mask or a slice of it, read in place); no mask: every key. As PyTorch's
 // scale, softcap, masked_fill (finfo.min) and softmax in turn compute them, in one pass over the scores
 // and one over the weights; a row with no key left gets uniform weights, as there.
-static void softcap_softmax_rows(float* scores, const bool* mask, int64_t B, int64_t X, int64_t L, int64_t S, float scale, float cap) {
+static void softcap_softmax_rows(float* scores, const bool* mask, int64_t mb, int64_t ml, int64_t B, int64_t X, int64_t L,
+                                 int64_t S, float scale, float cap) {
     const float lowest = -3.40282347e+38f;
     #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < B * X; ++row) {
         float* r = scores + row * S;
-        const bool* m = mask ? mask + ((row / X) * L + (row % X) % L) * S : nullptr;
+        const bool* m = mask ? mask + (row / X) * mb + ((row % X) % L) * ml : nullptr;
         const __m256 pre = _mm256_set1_ps(scale / cap), post = _mm256_set1_ps(cap);
         int64_t s = 0;
         __m256 mx = _mm256_set1_ps(lowest);
@@ -738,9 +742,7 @@ static void softcap_softmax_rows(float* scores, const bool* mask, int64_t B, int
         _mm256_store_ps(t, mx);
         for (int i = 0; i < 8; ++i) top = std::max(top, t[i]);
         for (; s < S; ++s) {
-            alignas(32) float one[8] = {r[s] * (scale / cap), 0, 0, 0, 0, 0, 0, 0};
-            _mm256_store_ps(one, tanh8(_mm256_load_ps(one)));
-            r[s] = (m && !m[s]) ? lowest : one[0] * cap;
+            r[s] = (m && !m[s]) ? lowest : lane0<tanh8>(r[s] * (scale / cap)) * cap;
             top = std::max(top, r[s]);
         }
         if (top == lowest) {  // nothing to attend to: PyTorch's softmax of equal values
@@ -758,9 +760,7 @@ static void softcap_softmax_rows(float* scores, const bool* mask, int64_t B, int
         }
         float sum = hsum(sum8);
         for (; s < S; ++s) {
-            alignas(32) float one[8] = {r[s] - top, 0, 0, 0, 0, 0, 0, 0};
-            _mm256_store_ps(one, exp8(_mm256_load_ps(one)));
-            r[s] = r[s] == lowest ? 0.f : one[0];
+            r[s] = r[s] == lowest ? 0.f : lane0<exp8>(r[s] - top);
             sum += r[s];
         }
         const __m256 inv = _mm256_set1_ps(1.0f / sum);
@@ -773,12 +773,14 @@ torch::Tensor softcap_softmax_(torch::Tensor scores, int64_t L, double scale, do
     TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous() && scores.scalar_type() == torch::kFloat);
     const int64_t B = scores.size(0), X = scores.size(1), S = scores.size(2);
     const bool* m = nullptr;
-    if (mask.has_value()) {
-        TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->dim() == 3);
-        TORCH_CHECK(mask->size(0) == B && mask->size(1) == L && mask->size(2) == S && X % L == 0);
+    int64_t mb = 0, ml = 0;
+    if (mask.has_value()) {  // (B, 1, L, S), each row of S contiguous
+        TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->dim() == 4 && mask->size(1) == 1 && mask->stride(3) == 1);
+        TORCH_CHECK(mask->size(0) == B && mask->size(2) == L && mask->size(3) == S && X % L == 0);
         m = mask->data_ptr<bool>();
+        mb = mask->stride(0), ml = mask->stride(2);
     }
-    softcap_softmax_rows(scores.data_ptr<float>(), m, B, X, L, S, (float)scale, (float)cap);
+    softcap_softmax_rows(scores.data_ptr<float>(), m, mb, ml, B, X, L, S, (float)scale, (float)cap);
     return scores;
 }
 
@@ -840,7 +842,7 @@ def build():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="paligemma_cpu_kernels_v18", cpp_sources=[_SOURCE],
+            name="paligemma_cpu_kernels_v19", cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -902,8 +904,9 @@ def gemm_t(g: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
 
 def softcap_softmax_(scores: torch.Tensor, L: int, scale: float, cap: float, mask: torch.Tensor | None) -> torch.Tensor:
     """Gemma 2's attention weights in place: float32 scores (B, X, S), contiguous -> softmax over S of
-    cap * tanh(scores * scale / cap), keys where mask (B, L, S) bool is False left out (row x of batch b
-    takes mask[b, x % L]); returns scores."""
+    cap * tanh(scores * scale / cap), keys where the bool mask (B, 1, L, S) is False left out (row x of
+    batch b takes mask[b, 0, x % L]; any strides with contiguous rows, so a slice is read in place);
+    returns scores."""
     return build().softcap_softmax_(scores, L, scale, cap, mask)
 
 

@@ -27,10 +27,11 @@ def gelu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def fused(x: torch.Tensor) -> bool:
-    """Whether a fused CPU kernel may take x: bf16 activations (emulated, several passes an op in
-    PyTorch), no gradient to give. float32 stays on PyTorch's ops, the reference path."""
-    return x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
+def fused(x: torch.Tensor, dtypes: tuple = (torch.bfloat16,)) -> bool:
+    """Whether a fused CPU kernel may take x: activations in one of dtypes (by default bf16, emulated,
+    several passes an op in PyTorch; float32 stays on PyTorch's ops, the reference path), no gradient
+    to give."""
+    return x.dtype in dtypes and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 class RMSNorm(nn.Module):
@@ -130,8 +131,7 @@ class Attention(nn.Module):
         inplace = not scores.requires_grad
         if self.kernels and inplace and scores.dtype == torch.float32 and scores.is_contiguous():
             # on our kernels' path: scale, softcap, mask and softmax in one kernel (two passes, not six)
-            keep = None if mask is None else mask[:, 0].contiguous()  # (B, L, S)
-            weights = cpu_kernels.softcap_softmax_(scores.reshape(B, nkv * rep * L, S), L, self.scale, self.softcap, keep)
+            weights = cpu_kernels.softcap_softmax_(scores.reshape(B, nkv * rep * L, S), L, self.scale, self.softcap, mask)
             weights = weights.reshape(B, nkv, rep * L, S)
         else:
             scores = (scores.mul_(self.scale) if inplace else scores * self.scale).reshape(B, nkv, rep, L, S)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..config import VisionConfig
 from . import cpu_kernels
+from .gemma import fused
 
 
 class Attention(nn.Module):
@@ -35,7 +36,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.kernels = False  # bf16 gelu in one pass on the CPU kernels (the torch backend sets it)
+        self.kernels = False  # gelu in one pass on the CPU kernels (the torch backend sets it)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
@@ -43,7 +44,7 @@ class MLP(nn.Module):
         h = self.fc1(x)
         # the kernels' path keeps the vision activations in float32, whose gelu PyTorch takes ~2.6 ns an
         # element for here (77 ms of a 3B-224 first token on Zen 3); ours is one vectorized pass
-        if self.kernels and h.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and h.requires_grad):
+        if self.kernels and fused(h, (torch.float32, torch.bfloat16)):
             return self.fc2(cpu_kernels.gelu(h.contiguous()))
         return self.fc2(F.gelu(h, approximate="tanh"))  # gelu, tanh approximation
 
