@@ -123,9 +123,9 @@ class Attention(nn.Module):
         q = q.reshape(B, nkv, rep * L, hd)
         # decoding on a CPU with our kernels: the two products that read the float32 cache are theirs
         # (they have no derivative: a few-token forward in training keeps PyTorch's products)
-        fused = (self.kernels and rep * L <= 8 and not q.requires_grad and q.dtype == torch.float32
-                 and k.dtype == torch.float32 and hd % 8 == 0)
-        scores = cpu_kernels.attention_scores(q, k) if fused else q @ k.transpose(-1, -2)
+        streamed = (self.kernels and rep * L <= 8 and not q.requires_grad and q.dtype == torch.float32
+                    and k.dtype == torch.float32 and hd % 8 == 0)
+        scores = cpu_kernels.attention_scores(q, k) if streamed else q @ k.transpose(-1, -2)
         # without autograd the scores are scaled, capped and masked in place: a long prefill holds
         # two (B, nh, L, S) tensors at a time instead of four (2.2 GB each for 28B-896 in float32)
         inplace = not scores.requires_grad
@@ -141,7 +141,7 @@ class Attention(nn.Module):
                 fill = torch.finfo(scores.dtype).min
                 scores = scores.masked_fill_(~mask[:, :, None], fill) if inplace else scores.masked_fill(~mask[:, :, None], fill)
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).reshape(B, nkv, rep * L, S)
-        out = cpu_kernels.attention_values(weights, v) if fused else weights @ v
+        out = cpu_kernels.attention_values(weights, v) if streamed else weights @ v
         return out.reshape(B, nh, L, hd)
 
 
