@@ -335,6 +335,88 @@ def test_quantized_linear_equals_its_dequantized_weights(bits):
     torch.testing.assert_close(emb.as_linear(x), x @ (q.float() * s[:, None]).T, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 37])
+def test_int8_dense_product_equals_the_exact_product(dtype, rows, monkeypatch):
+    """int8_dense widens the weight 16 rows at a time here (1000 outputs: a last chunk of 8) and gives
+    x @ (q * s).T: in float32 to float32's rounding, in bf16 no further from the float64 product than
+    torch's int8 kernel, which it replaces for many rows, is (plus one bf16 rounding)."""
+    from mlx_paligemma.torch_backend import quantize
+
+    monkeypatch.setattr(quantize, "WIDEN_BYTES", 1)  # the 16-row minimum: many chunks on a small weight
+    gen = torch.Generator().manual_seed(rows)
+    q, s = int8_per_channel(torch.randn(1000, 384, generator=gen))
+    x, s = torch.randn(rows, 384, generator=gen).to(dtype), s.to(dtype)
+    exact = x.double() @ (q.double() * s.double()[:, None]).T
+    got = quantize.int8_dense(x, q, s)
+    assert got.dtype == dtype and got.shape == (rows, 1000)
+    err = (got.double() - exact).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-5 * exact.abs().max().item()
+    else:
+        kernel = (torch.ops.aten._weight_int8pack_mm(x, q, s).double() - exact).abs().max().item()
+        assert err <= kernel + 2.0**-8 * exact.abs().max().item()
+
+
+def test_int8_dense_forward_keeps_the_gradient():
+    """LoRA training over int8 layers: the dense forward (many rows) under autograd still gives x its
+    gradient, that of the dequantized weight."""
+    from mlx_paligemma.torch_backend.quantize import int8_product
+
+    gen = torch.Generator().manual_seed(1)
+    q, s = int8_per_channel(torch.randn(40, 24, generator=gen))
+    x = torch.randn(20, 24, generator=gen, requires_grad=True)
+    g = torch.randn(20, 40, generator=gen)
+    y = int8_product(x, q, s, dense_rows=16)
+    y.backward(g)
+    deq = q.float() * s[:, None]
+    torch.testing.assert_close(y.detach(), x.detach() @ deq.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, g @ deq, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_dense_rows_by_device_and_dtype(monkeypatch):
+    cpu = torch.device("cpu")
+    assert tb.int8_dense_rows(torch.device("cuda"), torch.bfloat16) == 0
+    monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: True)
+    assert tb.int8_dense_rows(cpu, torch.bfloat16) == tb.DENSE_ROWS
+    monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: False)  # emulated bf16: torch's int8 kernel is faster
+    assert tb.int8_dense_rows(cpu, torch.bfloat16) == 0
+    from mlx_paligemma import hardware
+
+    # float32: on x86 even one row (torch's int8 kernel is scalar code there); elsewhere from DENSE_ROWS
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    assert tb.int8_dense_rows(cpu, torch.float32) == 1
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "aarch64")
+    assert tb.int8_dense_rows(cpu, torch.float32) == tb.DENSE_ROWS
+
+
+@pytest.mark.parametrize("kind, dtype", [("native-bf16", "bfloat16"), ("x86-avx2", "float32")])
+def test_int8_prefill_takes_the_dense_product(kind, dtype, checkpoints, monkeypatch):
+    """Where the activations' dtype has a fast dense product and our kernels are not in use, a prefill's
+    int8 layers widen their weights (int8_dense) instead of torch's int8 kernel; a bf16 decode step keeps
+    the kernel. The logits equal those of the kernel alone within rounding."""
+    from mlx_paligemma.torch_backend import quantize
+
+    monkeypatch.setattr(tb, "cpu_kernels_available", lambda: False)
+    monkeypatch.setattr(tb, "cpu_has_fast_bf16", lambda: kind == "native-bf16")
+    model = pg.load(checkpoints["pg2"].folder, backend="torch", dtype=dtype, quantize=8)
+    layers = [m for m in model.backend.model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
+    assert layers and {m.dense_rows for m in layers} == {tb.int8_dense_rows(torch.device("cpu"), model.backend._dtype)}
+    assert layers[0].dense_rows > 0
+    rows = []
+    real = quantize.int8_dense
+    monkeypatch.setattr(quantize, "int8_dense", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    image = make_image(5)
+    dense = model.logits(image, "caption en", suffix=[5, 6])
+    model.generate(image, "caption en", max_tokens=3, min_tokens=3)
+    assert rows and min(rows) >= layers[0].dense_rows and max(rows) > 16  # the prefill's rows
+    if dtype == "bfloat16":
+        assert 1 not in rows  # decode steps: torch's kernel
+    for m in layers:
+        m.dense_rows = 0
+    assert rel_diff(dense, model.logits(image, "caption en", suffix=[5, 6])) <= (2e-2 if dtype == "bfloat16" else 1e-5)
+
+
 @pytest.mark.parametrize("bits, tolerance", [(8, 0.04), (4, 0.3)])
 def test_quantize_text_decoder_only(bits, tolerance, models):
     exact, model = models("torch", "pg2"), models("torch", "pg2", quantize=bits)

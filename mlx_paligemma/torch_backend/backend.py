@@ -18,7 +18,7 @@ from . import cpu_kernels, lora, siglip
 from .cache import make_cache
 from .gemma import MLP, Attention, RMSNorm
 from .paligemma import PaliGemma
-from .quantize import QuantizedEmbedding, QuantizedLinear, check_int4, int4_groups, int8_per_channel, mlx_dequantize, mlx_unpack
+from .quantize import DENSE_ROWS, QuantizedEmbedding, QuantizedLinear, check_int4, int4_groups, int8_per_channel, mlx_dequantize, mlx_unpack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,6 +123,21 @@ def pick_dtype(dtype: str | None, device: torch.device) -> str:
     return dtype
 
 
+def int8_dense_rows(device: torch.device, dtype: torch.dtype) -> int:
+    """From how many input rows an int8 layer widens its weights for the dense product (0: never).
+
+    On the CPU where the activations' dtype has a fast dense product: float32 (the BLAS sgemm), bf16
+    on CPUs with native bf16 (oneDNN). torch's int8 kernel reads and widens the weight again for every
+    4 rows, so it keeps the few-row products (decoding) except on x86 in float32, where it is scalar
+    code and even one row goes 3.5x faster dense (Zen 3: 5.0 against 17.3 ms for a 9216 x 2304 weight).
+    """
+    if device.type != "cpu":
+        return 0
+    if dtype == torch.float32:
+        return 1 if cpu_info().x86 else DENSE_ROWS
+    return DENSE_ROWS if dtype == torch.bfloat16 and cpu_has_fast_bf16() else 0
+
+
 def sanitize(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Every layout change and cast between a stored tensor and our parameter, with its reason."""
     if name == "vision.embeddings.patch_embedding.weight" and w.ndim == 4 and w.shape[2] != w.shape[3]:
@@ -219,6 +234,11 @@ class TorchBackend(Backend):
         self.model.eval()
         if self.kernels:
             use_cpu_kernels(self.model)
+        else:
+            rows = int8_dense_rows(self._device, self._dtype)
+            for module in self.model.modules():
+                if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+                    module.dense_rows = rows
 
     def _load(self, checkpoint: Checkpoint, stored_q: bool) -> None:
         expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import SettingError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 ROWS = 4096  # quantize this many output channels at a time: one float32 copy of a chunk, never of a whole matrix
+DENSE_ROWS = 16  # int8 inputs of this many rows go through the dense product where it is fast (int8_dense_rows)
+WIDEN_BYTES = 2 << 20  # int8_dense widens ~2 MB of weights at a time: cache-resident while the product reads them
 
 
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +69,32 @@ def mlx_dequantize(packed: torch.Tensor, scales: torch.Tensor, biases: torch.Ten
     return w.reshape(N, K)
 
 
+def int8_dense(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """flat @ (weight * scales).T through the dense product of flat's dtype: the int8 rows widened a
+    cache-sized chunk at a time (exactly: |q| <= 127 is a bf16 too), the scales applied to the outputs.
+
+    torch's int8 kernel multiplies 4 input rows at a time, widening the whole weight again for each 4
+    (a prefill of 261 rows: 66 passes over it), and on x86 it is scalar code for float32 inputs; the
+    dense products (oneDNN's bf16 on CPUs with native bf16, the BLAS sgemm in float32) widen it once.
+    """
+    M, K = flat.shape
+    N = weight.shape[0]
+    rows = max(16, WIDEN_BYTES // (K * flat.element_size()))
+    out = torch.empty(M, N, dtype=flat.dtype, device=flat.device)
+    buf = torch.empty(min(rows, N), K, dtype=flat.dtype, device=flat.device)
+    for i in range(0, N, rows):
+        w = buf[: min(rows, N - i)]
+        w.copy_(weight[i : i + rows])
+        torch.mul(F.linear(flat, w), scales[i : i + rows], out=out[:, i : i + rows])
+    return out
+
+
+def int8_forward(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dense_rows: int) -> torch.Tensor:
+    if dense_rows and flat.shape[0] >= dense_rows:
+        return int8_dense(flat, weight, scales)
+    return torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
+
+
 class Int8Product(torch.autograd.Function):
     """x @ (q * scales).T with torch's int8 kernel, and a backward pass for x (LoRA training over int8).
 
@@ -74,20 +103,21 @@ class Int8Product(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, flat, weight, scales):
+    def forward(ctx, flat, weight, scales, dense_rows):
         ctx.save_for_backward(weight, scales)
-        return torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
+        return int8_forward(flat, weight, scales, dense_rows)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scales = ctx.saved_tensors
-        return grad @ (weight.to(grad.dtype) * scales.to(grad.dtype)[:, None]), None, None
+        return grad @ (weight.to(grad.dtype) * scales.to(grad.dtype)[:, None]), None, None, None
 
 
-def int8_product(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_product(flat: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dense_rows: int = 0) -> torch.Tensor:
+    """dense_rows: from how many rows of flat the dense product takes over (0: never; int8_dense_rows)."""
     if torch.is_grad_enabled() and flat.requires_grad:
-        return Int8Product.apply(flat, weight, scales)
-    return torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
+        return Int8Product.apply(flat, weight, scales, dense_rows)
+    return int8_forward(flat, weight, scales, dense_rows)
 
 
 class QuantizedLinear(nn.Module):
@@ -96,6 +126,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.dense_rows = 0  # int8: inputs of this many rows take the dense product (the torch backend sets it)
 
     @classmethod
     def from_weight(cls, w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype, name: str) -> "QuantizedLinear":
@@ -133,7 +164,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.bits == 8:
-            y = int8_product(flat, self.weight, self.scales)
+            y = int8_product(flat, self.weight, self.scales, self.dense_rows)
         elif torch.is_grad_enabled() and flat.requires_grad:
             # the int4 kernels have no derivative, and their tiled layout cannot be dequantized back
             raise SettingError("training over a 4-bit base runs on the mlx backend, or on torch where our CPU "
@@ -153,13 +184,14 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales.to(dtype))
+        self.dense_rows = 0  # as QuantizedLinear's, for the output head
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].to(self.scales.dtype) * self.scales[ids, None]
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return int8_product(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
+        return int8_product(flat, self.weight, self.scales, self.dense_rows).reshape(*x.shape[:-1], -1)
 
 
 def inner_k_tiles(K: int) -> int:
