@@ -417,6 +417,30 @@ def test_int8_prefill_takes_the_dense_product(kind, dtype, checkpoints, monkeypa
     assert rel_diff(dense, model.logits(image, "caption en", suffix=[5, 6])) <= (2e-2 if dtype == "bfloat16" else 1e-5)
 
 
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_float32_int4_layers_on_x86_take_bf16_inputs(machine, checkpoints, monkeypatch):
+    """On x86 torch's int4 kernel is scalar code for float32 inputs: there float32 int4 layers run it in
+    bf16 (their scales bf16, float32 out); elsewhere they stay float32. The logits move by bf16's rounding
+    of the inputs only."""
+    from mlx_paligemma import hardware
+
+    monkeypatch.setattr(tb, "cpu_kernels_available", lambda: False)
+    monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
+    model = pg.load(checkpoints["pg2"].folder, backend="torch", dtype="float32", quantize=4)
+    layers = [m for m in model.backend.model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.bits == 4 for m in layers)
+    want = torch.bfloat16 if machine == "x86_64" else torch.float32
+    assert {m.scales_and_zeros.dtype for m in layers} == {want}
+    image = make_image(6)
+    got = model.logits(image, "caption en", suffix=[5, 6])
+    for m in layers:
+        m.scales_and_zeros = m.scales_and_zeros.float()
+    exact_inputs = model.logits(image, "caption en", suffix=[5, 6])
+    assert rel_diff(got, exact_inputs) <= (2e-2 if machine == "x86_64" else 0.0)
+    if machine == "x86_64":
+        assert rel_diff(got, exact_inputs) > 0  # the inputs were rounded: bf16 ran
+
+
 @pytest.mark.parametrize("bits, tolerance", [(8, 0.04), (4, 0.3)])
 def test_quantize_text_decoder_only(bits, tolerance, models):
     exact, model = models("torch", "pg2"), models("torch", "pg2", quantize=bits)

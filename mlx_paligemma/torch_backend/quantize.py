@@ -170,7 +170,11 @@ class QuantizedLinear(nn.Module):
             raise SettingError("training over a 4-bit base runs on the mlx backend, or on torch where our CPU "
                               "kernels run (x86 with AVX2, no native bf16); here use quantize=8")
         elif flat.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+            # in the dtype of the scales: the activations' own, or bf16 (the torch backend's choice on x86
+            # in float32, where torch's kernel is scalar code for float32)
+            sz = self.scales_and_zeros
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(sz.dtype), self.weight, self.group_size, sz)
+            y = y.to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm(flat.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
             y = y.to(x.dtype)
