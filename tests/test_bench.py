@@ -46,6 +46,19 @@ def test_worker_reports_every_figure(batch):
     assert result.get("generated_tokens", 4) == 4
 
 
+def test_profiled_first_token_says_where_the_time_went():
+    """--profile: the torch engine's extra first token under the profiler; its top ops are PyTorch's, in
+    decreasing self time, their sum within the wall time; the parent prints one line per engine."""
+    result = bench.worker_ours("ours-torch", "float32", demo_checkpoint(), tokens=2, batch=0, profiled=True)
+    p = result["profile"]
+    assert 0 < p["torch_ops_s"] <= p["wall_s"] * 1.05 and p["top"]
+    times = [ms for _, ms, _ in p["top"]]
+    assert times == sorted(times, reverse=True) and all(name.startswith("aten::") or "::" in name for name, _, _ in p["top"])
+    assert "profile" not in bench.worker_ours("ours-torch", "float32", demo_checkpoint(), tokens=2, batch=0)
+    lines = bench.profile_lines({"ours-torch-float32": [result], "transformers-float32": [{"ttft_s": 1.0}]})
+    assert len(lines) == 1 and lines[0].startswith("ours-torch-float32: profiled first token") and p["top"][0][0] in lines[0]
+
+
 def test_batch_ratio_pairs_each_run_with_the_single_stream_of_its_round():
     single = [{"aggregate_tokens_per_s": 4.0}, {"aggregate_tokens_per_s": 2.0}, {"error": "boom"}]
     batch = [{"aggregate_tokens_per_s": 16.0}, {"aggregate_tokens_per_s": 12.0}, {"aggregate_tokens_per_s": 9.0}]

@@ -5,6 +5,7 @@
     paligemma bench --config 3b-224 --layers 4 --engines ours-mlx-float32,mlx-vlm-float32
     paligemma bench --batch 1,4,8 --engines ours-torch-bfloat16
     paligemma bench --train --engines ours-torch-bfloat16,ours-mlx-int4,transformers-bfloat16
+    paligemma bench --profile --engines ours-torch-bfloat16,transformers-bfloat16 --runs 1
 
 A full-size random-weight checkpoint (hub layout, bf16) is written once and cached. Generation
 length is forced (eos ignored) so that every engine does the same work: a prompt on one image,
@@ -19,6 +20,9 @@ SDPA; the quantized ones too: torchao int8 weight-only `transformers-int8`, bits
 `--train` times LoRA training steps instead (r 8 on q,k,v,o,gate,up,down, AdamW), each engine on
 the same row (one image, `caption en`, TRAIN_SUFFIX): forward, backward and optimizer step, after
 one warm-up step; transformers runs with PEFT (`get_peft_model`) on the same base.
+`--profile` adds, for the engines on torch, one more first token under torch's profiler after the
+timed generation: its wall time, the time inside PyTorch's ops (the rest: our kernels, Python) and
+the ops that took most of it, so that a run on a new kind of CPU shows where the time goes.
 """
 
 from __future__ import annotations
@@ -70,7 +74,21 @@ def parse_engine(name: str) -> tuple[str, str]:
 WARMUP_TOKENS = 2  # every engine generates this much once before it is timed, on the same image and prompt
 
 
-def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int) -> dict:
+def first_token_profile(generate, top: int = 12) -> dict:
+    """One first token under torch's profiler: wall seconds, seconds inside PyTorch's ops (self time
+    summed: work outside them, our kernels and Python, is the difference) and the top ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        generate()
+        wall = time.perf_counter() - t0
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"wall_s": wall, "torch_ops_s": sum(e.self_cpu_time_total for e in ops) / 1e6,
+            "top": [[e.key, round(e.self_cpu_time_total / 1e3, 1), e.count] for e in ops[:top]]}
+
+
+def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int, profiled: bool = False) -> dict:
     import mlx_paligemma as pg
     from mlx_paligemma.processor import pixel_values
 
@@ -108,10 +126,14 @@ def worker_ours(kind: str, variant: str, folder: Path, tokens: int, batch: int) 
     again = model.generate(image, PROMPT, max_tokens=1, min_tokens=1)  # same image: features cached
     s = out.stats
     # first token timed from the call, as for the other engines: the whole wall time less the decoding after it
-    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": total - (s.total_s - s.ttft_s),
-            "ttft_repeat_s": again.stats.ttft_s, "decode_tokens_per_s": s.decode_tokens_per_s,
-            "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens, "peak_rss_bytes": peak,
-            "device": s.device}
+    result = {"load_s": load_s, "vision_s": vision_s, "ttft_s": total - (s.total_s - s.ttft_s),
+              "ttft_repeat_s": again.stats.ttft_s, "decode_tokens_per_s": s.decode_tokens_per_s,
+              "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens, "peak_rss_bytes": peak,
+              "device": s.device}
+    if profiled and backend == "torch":
+        model._features.clear()
+        result["profile"] = first_token_profile(lambda: model.generate(image, PROMPT, max_tokens=1, min_tokens=1))
+    return result
 
 
 def _sync(backend, x) -> None:
@@ -177,7 +199,7 @@ def transformers_model(variant: str, folder: Path):
     return PaliGemmaForConditionalGeneration.from_pretrained(folder, **kw).eval()
 
 
-def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
+def worker_transformers(variant: str, folder: Path, tokens: int, profiled: bool = False) -> dict:
     import torch
 
     t0 = time.perf_counter()
@@ -205,12 +227,17 @@ def worker_transformers(variant: str, folder: Path, tokens: int) -> dict:
         clock = TokenClock()
         t0 = time.perf_counter()
         prompt_tokens = run(tokens, clock)
+        peak = peak_rss_bytes()
+        profile = first_token_profile(lambda: run(1)) if profiled else None
     first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt, put before the first forward
     generated = len(clock.times) - 1
-    return {"load_s": load_s, "vision_s": vision_s, "ttft_s": first - t0,
-            "decode_tokens_per_s": (generated - 1) / max(last - first, 1e-9),
-            "prompt_tokens": prompt_tokens, "generated_tokens": generated,
-            "peak_rss_bytes": peak_rss_bytes(), "device": "cpu"}
+    result = {"load_s": load_s, "vision_s": vision_s, "ttft_s": first - t0,
+              "decode_tokens_per_s": (generated - 1) / max(last - first, 1e-9),
+              "prompt_tokens": prompt_tokens, "generated_tokens": generated,
+              "peak_rss_bytes": peak, "device": "cpu"}
+    if profile:
+        result["profile"] = profile
+    return result
 
 
 def worker_mlx_vlm(variant: str, folder: Path, tokens: int) -> dict:
@@ -336,9 +363,9 @@ def worker(args) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if kind in ("ours-torch", "ours-mlx"):
-        result = worker_ours(kind, variant, folder, args.tokens, args.batch_size)
+        result = worker_ours(kind, variant, folder, args.tokens, args.batch_size, args.profile)
     elif kind == "transformers":
-        result = worker_transformers(variant, folder, args.tokens)
+        result = worker_transformers(variant, folder, args.tokens, args.profile)
     else:
         result = worker_mlx_vlm(variant, folder, args.tokens)
     print("RESULT " + json.dumps(result), flush=True)
@@ -379,9 +406,12 @@ def decode_bytes_per_token(config, variant: str) -> float:
     return per_layer * t.num_hidden_layers * per_weight + head_bytes
 
 
-def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict, train_steps: int = 0) -> dict:
+def run_engine(engine: str, folder: Path, tokens: int, batch: int, env: dict, train_steps: int = 0,
+               profiled: bool = False) -> dict:
     cmd = [sys.executable, "-m", "mlx_paligemma.dev.bench", "--worker", engine, "--folder", str(folder),
            "--tokens", str(tokens), "--batch-size", str(batch), "--train-steps", str(train_steps)]
+    if profiled:
+        cmd.append("--profile")
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -494,6 +524,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--train", action="store_true", help="time LoRA training steps (see above) instead of generation")
     ap.add_argument("--train-steps", type=int, default=0, help="timed training steps per run, after a warm-up step (--train: default 2)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one first token of each torch engine (wall, PyTorch ops, top ops)")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -523,7 +555,8 @@ def main(argv=None) -> int:
     for run in range(args.runs):
         for e, b in (pairs if run % 2 == 0 else pairs[::-1]):
             print(f"run {run + 1}/{args.runs}: {e}" + (f" batch {b}" if args.batch else ""), file=sys.stderr)
-            results[e, b].append(run_engine(e, folder, args.tokens, b, env, args.train_steps if args.train else 0))
+            results[e, b].append(run_engine(e, folder, args.tokens, b, env, args.train_steps if args.train else 0,
+                                            args.profile and not args.batch and not args.train))
     for e, b in pairs:
         if 1 in sizes and b != 1:
             add_ratio_to_single(results[e, b], results[e, 1])
@@ -542,6 +575,9 @@ def main(argv=None) -> int:
     if not args.batch and not args.train:
         report["headline"] = headline(summary)
         print("\n" + "\n".join(report["headline"]))
+    profiles = profile_lines(raw)
+    if profiles:
+        print("\n" + "\n".join(profiles))
     if not args.train:
         print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s; decode ceiling (weights read per token / bandwidth): "
               + ", ".join(f"{e} {c:.1f} tokens/s" for e, c in ceilings.items()))
@@ -550,6 +586,17 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"results written to {out}", file=sys.stderr)
     return 0
+
+
+def profile_lines(raw: dict[str, list]) -> list[str]:
+    """Each profiled engine's last run: where its first token's time went."""
+    lines = []
+    for e, runs in raw.items():
+        p = next((r["profile"] for r in reversed(runs) if r.get("profile")), None)
+        if p:
+            lines.append(f"{e}: profiled first token {p['wall_s']:.2f} s, {p['torch_ops_s']:.2f} s in PyTorch's ops; top: "
+                         + ", ".join(f"{name} {ms:.0f} ms x{n}" for name, ms, n in p["top"]))
+    return lines
 
 
 def machine_description() -> str:
