@@ -129,7 +129,7 @@ def int8_dense_rows(device: torch.device, dtype: torch.dtype) -> int:
     On the CPU where the activations' dtype has a fast dense product: float32 (the BLAS sgemm), bf16
     on CPUs with native bf16 (oneDNN). torch's int8 kernel reads and widens the weight again for every
     4 rows, so it keeps the few-row products (decoding) except on x86 in float32, where it is scalar
-    code and even one row goes 3.5x faster dense (Zen 3: 5.0 against 17.3 ms for a 9216 x 2304 weight).
+    code and even one row goes faster dense (Zen 3: 5.0-6.7 against 17.3 ms for a 9216 x 2304 weight).
     """
     if device.type != "cpu":
         return 0
