@@ -235,21 +235,11 @@ class TorchBackend(Backend):
         if self.kernels:
             use_cpu_kernels(self.model)
         else:
-            self._route_quantized_layers()
-
-    def _route_quantized_layers(self) -> None:
-        """Keep torch's int8 and int4 kernels off their slow CPU paths: int8 layers take the dense product
-        for many rows (int8_dense_rows); on x86 in float32, int4 layers take bf16 inputs, their scales
-        turned bf16 (torch's int4 kernel there is scalar code for float32: 27 against 1.8 ms for one row of
-        a 9216 x 2304 weight on the Zen 3, 6.05 s against 0.22 s for 261 rows). Rounding the inputs to
-        bf16 (2^-9 of each value) is far below the 4-bit weights' own error."""
-        rows = int8_dense_rows(self._device, self._dtype)
-        int4_bf16 = self._device.type == "cpu" and self._dtype == torch.float32 and cpu_info().x86
-        for module in self.model.modules():
-            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-                module.dense_rows = rows
-            if int4_bf16 and isinstance(module, QuantizedLinear) and module.bits == 4:
-                module.scales_and_zeros = module.scales_and_zeros.to(torch.bfloat16)
+            # int8 layers off torch's int8 kernel for many rows where a dense product is fast
+            rows = int8_dense_rows(self._device, self._dtype)
+            for module in self.model.modules():
+                if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+                    module.dense_rows = rows
 
     def _load(self, checkpoint: Checkpoint, stored_q: bool) -> None:
         expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
@@ -306,7 +296,16 @@ class TorchBackend(Backend):
             check_int4(path, *w.shape, self._group_size, w.device)  # the same shape rules on every CPU
             q, scales, zeros = int4_groups(w, self._group_size)
             return cpu_kernels.KernelLinear.int4(q, scales, zeros - 8 * scales)
-        return QuantizedLinear.from_weight(w, self._bits, self._group_size, self._dtype, path)
+        return QuantizedLinear.from_weight(w, self._bits, self._group_size, self._quantized_dtype(), path)
+
+    def _quantized_dtype(self) -> torch.dtype:
+        """The dtype torch's int4 and int8 kernels run in: the model's, but bf16 for int4 on an x86 CPU in
+        float32, where torch's int4 kernel is scalar code for float32 (one 9216 x 2304 layer on the AMD
+        EPYC Zen 3, AVX2, no bf16: 27 against 1.8 ms for one row, 6.05 s against 0.22 s for 261). Rounding
+        the inputs to bf16 (2^-9 of each) is far below the 4-bit weights' own error."""
+        if self._bits == 4 and self._device.type == "cpu" and self._dtype == torch.float32 and cpu_info().x86:
+            return torch.bfloat16
+        return self._dtype
 
     def _mlx_quantized(self, path: str, info: TensorInfo, read, tensors: dict) -> nn.Module:
         """Unpack one MLX-quantized layer (packed weight, scales, biases) and requantize it for torch."""
@@ -331,7 +330,7 @@ class TorchBackend(Backend):
             # same groups: w = s * q + b is tinygemm's (q - 8) * s + (b + 8 s), so no rounding at all
             if self.kernels:
                 return cpu_kernels.KernelLinear.int4(mlx_unpack(packed, 4), scales, biases)
-            return QuantizedLinear.from_int4(mlx_unpack(packed, 4), scales, biases + 8 * scales, g, self._dtype)
+            return QuantizedLinear.from_int4(mlx_unpack(packed, 4), scales, biases + 8 * scales, g, self._quantized_dtype())
         w = mlx_dequantize(packed, scales, biases, bits)
         return self._quantize_layer(path, w)
 

@@ -157,7 +157,8 @@ class QuantizedLinear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(K))
             dtype = torch.bfloat16
         layer.register_buffer("weight", packed)
-        # (K / group_size, N, 2): scale and zero of each group, the layout both kernels take
+        # (K / group_size, N, 2): scale and zero of each group, the layout both kernels take, in the dtype the
+        # kernel runs in (dtype; bf16 on CUDA)
         layer.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype))
         return layer
 
@@ -169,15 +170,11 @@ class QuantizedLinear(nn.Module):
             # the int4 kernels have no derivative, and their tiled layout cannot be dequantized back
             raise SettingError("training over a 4-bit base runs on the mlx backend, or on torch where our CPU "
                               "kernels run (x86 with AVX2, no native bf16); here use quantize=8")
-        elif flat.device.type == "cpu":
-            # in the dtype of the scales: the activations' own, or bf16 (the torch backend's choice on x86
-            # in float32, where torch's kernel is scalar code for float32)
-            sz = self.scales_and_zeros
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(sz.dtype), self.weight, self.group_size, sz)
-            y = y.to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm(flat.to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
-            y = y.to(x.dtype)
+            # in the dtype of the scales (from_int4's: the activations' own, or bf16 where the backend asked)
+            sz = self.scales_and_zeros
+            kernel = torch.ops.aten._weight_int4pack_mm_for_cpu if flat.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
+            y = kernel(flat.to(sz.dtype), self.weight, self.group_size, sz).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
